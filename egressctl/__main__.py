@@ -1,0 +1,5 @@
+import sys
+
+from egressctl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,48 @@
+"""Every API name, label and annotation key the product reads or writes, in one place.
+
+Keys are those of the original egress-operator so that a cluster can switch to this product
+without touching a single ExternalService or workload label.
+"""
+
+from __future__ import annotations
+
+GROUP = "egress.monzo.com"
+VERSION = "v1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "ExternalService"
+PLURAL = "externalservices"
+
+FIELD_MANAGER = "egress-gateway-reconciler"
+
+# Labels on every gateway object (and the pod template).
+LABEL_APP = "app"
+APP_VALUE = "egress-gateway"
+LABEL_GATEWAY = f"{GROUP}/gateway"
+# Label on the gateway Service holding the hijack state ("false", "waiting-for-pods", "true").
+LABEL_HIJACK_DNS = f"{GROUP}/hijack-dns"
+
+# Annotations.
+ANNOTATION_DNS_NAME = f"{GROUP}/dns-name"
+ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+ANNOTATION_ADMIN_PORT = f"{GROUP}/admin-port"
+ANNOTATION_TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
+
+# Grants on client pods. The NetworkPolicy admits both forms: the one the original operator's
+# policy enforced (allowed-<name>: "true") and the one its README documented
+# (allowed-gateway: <name>).
+GRANT_LABEL_PREFIX = f"{GROUP}/allowed-"
+GRANT_LABEL_GATEWAY = f"{GROUP}/allowed-gateway"
+GRANT_LABEL_VALUE = "true"
+
+# The longest object name whose grant label key name part ("allowed-<name>") fits in 63.
+MAX_NAME_LENGTH = 63 - len("allowed-")
+
+CONFIGMAP_KEY = "envoy.yaml"
+CONTAINER_NAME = "gateway"
+CONFIG_MOUNT_PATH = "/etc/envoy"
+ADMIN_PORT_BASE = 11000
+
+
+def grant_label(name: str) -> str:
+    """The per-gateway grant label key a client pod carries to reach gateway ``name``."""
+    return f"{GRANT_LABEL_PREFIX}{name}"

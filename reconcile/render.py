@@ -1,0 +1,241 @@
+"""One pure builder per Kubernetes kind: an ExternalService plus settings in, plain dicts out.
+
+Builders never read the cluster, the network or the environment; the caller supplies whatever
+live state matters (only the hijack state does). Output is deterministic, so that server-side
+apply of an unchanged object is a no-op and ``egressctl render`` is diffable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from reconcile import constants as c
+from reconcile.envoy import admin_port, bootstrap_yaml, config_hash
+from reconcile.hijack import HijackState
+from reconcile.settings import Settings
+from reconcile.spec import ExternalService
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Kind:
+    api_version: str
+    kind: str
+
+
+CONFIGMAP = Kind("v1", "ConfigMap")
+SERVICE = Kind("v1", "Service")
+DEPLOYMENT = Kind("apps/v1", "Deployment")
+HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler")
+NETWORK_POLICY = Kind("networking.k8s.io/v1", "NetworkPolicy")
+PDB = Kind("policy/v1", "PodDisruptionBudget")
+
+# Apply order: the policy exists before any pod can run, the Service before DNS can point at it.
+APPLY_ORDER: tuple[Kind, ...] = (CONFIGMAP, NETWORK_POLICY, SERVICE, DEPLOYMENT, HPA, PDB)
+
+
+def gateway_labels(name: str) -> dict[str, str]:
+    return {c.LABEL_APP: c.APP_VALUE, c.LABEL_GATEWAY: name}
+
+
+def selector_labels(name: str) -> dict[str, str]:
+    return {c.LABEL_GATEWAY: name}
+
+
+def _metadata(
+    es: ExternalService, settings: Settings, extra_labels: dict[str, str] | None = None
+) -> Obj:
+    meta: Obj = {
+        "name": es.name,
+        "namespace": settings.gateway_namespace,
+        "labels": {**gateway_labels(es.name), **(extra_labels or {})},
+        "annotations": {c.ANNOTATION_DNS_NAME: es.spec.dns_name},
+    }
+    if es.uid:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": c.API_VERSION,
+                "kind": c.KIND,
+                "name": es.name,
+                "uid": es.uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+    return meta
+
+
+def _head(kind: Kind, metadata: Obj) -> Obj:
+    return {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": metadata}
+
+
+def configmap(es: ExternalService, settings: Settings) -> Obj:
+    obj = _head(CONFIGMAP, _metadata(es, settings))
+    obj["data"] = {c.CONFIGMAP_KEY: bootstrap_yaml(es.name, es.spec)}
+    return obj
+
+
+def deployment(es: ExternalService, settings: Settings) -> Obj:
+    """The gateway Deployment. ``spec.replicas`` is left out: the HPA owns it."""
+    spec = es.spec
+    envoy_yaml = bootstrap_yaml(es.name, spec)
+    admin = admin_port(spec)
+    args = ["-c", f"{c.CONFIG_MOUNT_PATH}/{c.CONFIGMAP_KEY}"]
+    if spec.envoy_log_level:
+        args += ["--log-level", spec.envoy_log_level]
+    container: Obj = {
+        "name": c.CONTAINER_NAME,
+        "image": settings.envoy_image,
+        "args": args,
+        "env": [{"name": "ENVOY_UID", "value": "0"}],
+        "ports": [{"containerPort": p.port, "protocol": p.protocol.value} for p in spec.ports],
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": admin}},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", "25"]}}},
+        "resources": spec.resources.to_dict(),
+        "volumeMounts": [
+            {"name": "envoy-config", "mountPath": c.CONFIG_MOUNT_PATH, "readOnly": True}
+        ],
+    }
+    pod_spec: Obj = {
+        "containers": [container],
+        "dnsPolicy": "Default",
+        "terminationGracePeriodSeconds": 30,
+        "volumes": [{"name": "envoy-config", "configMap": {"name": es.name}}],
+    }
+    if settings.node_selector_key:
+        pod_spec["nodeSelector"] = {settings.node_selector_key: settings.node_selector_value}
+    if settings.toleration_key:
+        pod_spec["tolerations"] = [
+            {
+                "key": settings.toleration_key,
+                "operator": "Equal",
+                "value": settings.toleration_value,
+                "effect": "NoSchedule",
+            }
+        ]
+    if settings.topology_spread:
+        pod_spec["topologySpreadConstraints"] = [
+            {
+                "maxSkew": t.max_skew,
+                "topologyKey": t.topology_key,
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": gateway_labels(es.name)},
+            }
+            for t in settings.topology_spread
+        ]
+    obj = _head(DEPLOYMENT, _metadata(es, settings))
+    obj["spec"] = {
+        "selector": {"matchLabels": selector_labels(es.name)},
+        "strategy": {
+            "type": "RollingUpdate",
+            "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"},
+        },
+        "template": {
+            "metadata": {
+                "labels": gateway_labels(es.name),
+                "annotations": {
+                    c.ANNOTATION_DNS_NAME: spec.dns_name,
+                    c.ANNOTATION_CONFIG_HASH: config_hash(envoy_yaml),
+                    c.ANNOTATION_ADMIN_PORT: str(admin),
+                },
+            },
+            "spec": pod_spec,
+        },
+    }
+    return obj
+
+
+def horizontal_pod_autoscaler(es: ExternalService, settings: Settings) -> Obj:
+    obj = _head(HPA, _metadata(es, settings))
+    obj["spec"] = {
+        "scaleTargetRef": {
+            "apiVersion": DEPLOYMENT.api_version,
+            "kind": DEPLOYMENT.kind,
+            "name": es.name,
+        },
+        "minReplicas": es.spec.min_replicas,
+        "maxReplicas": es.spec.max_replicas,
+        "metrics": [
+            {
+                "type": "Resource",
+                "resource": {
+                    "name": "cpu",
+                    "target": {
+                        "type": "Utilization",
+                        "averageUtilization": es.spec.target_cpu_utilization,
+                    },
+                },
+            }
+        ],
+    }
+    return obj
+
+
+def service(es: ExternalService, settings: Settings, hijack_state: HijackState) -> Obj:
+    meta = _metadata(es, settings, {c.LABEL_HIJACK_DNS: hijack_state.value})
+    if settings.service_topology_mode:
+        meta["annotations"][c.ANNOTATION_TOPOLOGY_MODE] = es.spec.service_topology_mode or "Auto"
+    obj = _head(SERVICE, meta)
+    obj["spec"] = {
+        "type": "ClusterIP",
+        "selector": selector_labels(es.name),
+        "ports": [
+            {
+                "name": f"{es.name}-{p.protocol.value.lower()}-{p.port}",
+                "port": p.port,
+                "protocol": p.protocol.value,
+                "targetPort": p.port,
+            }
+            for p in es.spec.ports
+        ],
+    }
+    return obj
+
+
+def network_policy(es: ExternalService, settings: Settings) -> Obj:
+    """Admit only pods (any namespace) carrying either grant label, and only on the spec ports."""
+    obj = _head(NETWORK_POLICY, _metadata(es, settings))
+    obj["spec"] = {
+        "podSelector": {"matchLabels": selector_labels(es.name)},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {
+                "from": [
+                    {
+                        "namespaceSelector": {},
+                        "podSelector": {
+                            "matchLabels": {c.grant_label(es.name): c.GRANT_LABEL_VALUE}
+                        },
+                    },
+                    {
+                        "namespaceSelector": {},
+                        "podSelector": {"matchLabels": {c.GRANT_LABEL_GATEWAY: es.name}},
+                    },
+                ],
+                "ports": [{"port": p.port, "protocol": p.protocol.value} for p in es.spec.ports],
+            }
+        ],
+    }
+    return obj
+
+
+def pod_disruption_budget(es: ExternalService, settings: Settings) -> Obj:
+    obj = _head(PDB, _metadata(es, settings))
+    obj["spec"] = {"maxUnavailable": "25%", "selector": {"matchLabels": selector_labels(es.name)}}
+    return obj
+
+
+def render(es: ExternalService, settings: Settings, hijack_state: HijackState) -> list[Obj]:
+    """Every object gateway ``es`` needs, in apply order."""
+    objects = [
+        configmap(es, settings),
+        network_policy(es, settings),
+        service(es, settings, hijack_state),
+        deployment(es, settings),
+        horizontal_pod_autoscaler(es, settings),
+    ]
+    if settings.enable_pdb:
+        objects.append(pod_disruption_budget(es, settings))
+    return objects

@@ -1,0 +1,153 @@
+"""Process settings, read once from the environment into a frozen object and passed explicitly.
+
+Variable names and meanings follow the original operator so that its Deployment's environment
+carries over unchanged; the variables it did not have are this product's own additions. A bad
+value stops start-up with a message naming the variable, never a half-configured process.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_ENVOY_IMAGE = "envoyproxy/envoy:v1.39.6"
+DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
+DEFAULT_CLUSTER_DOMAIN = "cluster.local"
+DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
+DEFAULT_HOSTNAME_KEY = "kubernetes.io/hostname"
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+)
+_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
+
+
+class SettingsError(ValueError):
+    """One or more environment variables are invalid; the message names each of them."""
+
+
+@dataclass(frozen=True, slots=True)
+class TopologySpread:
+    max_skew: int
+    topology_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    envoy_image: str = DEFAULT_ENVOY_IMAGE
+    gateway_namespace: str = DEFAULT_GATEWAY_NAMESPACE
+    cluster_domain: str = DEFAULT_CLUSTER_DOMAIN
+    toleration_key: str | None = None
+    toleration_value: str = ""
+    node_selector_key: str | None = None
+    node_selector_value: str = ""
+    topology_spread: tuple[TopologySpread, ...] = ()
+    service_topology_mode: bool = False
+    enable_pdb: bool = False
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Build settings from an environment mapping (pass ``os.environ`` at the edge)."""
+        errors: list[str] = []
+
+        def get(name: str, default: str = "") -> str:
+            return env.get(name, default).strip()
+
+        def flag(name: str) -> bool:
+            value = get(name).lower()
+            if value in _TRUE:
+                return True
+            if value not in _FALSE:
+                errors.append(f"{name}: must be true or false (got {env[name]!r})")
+            return False
+
+        def positive_int(name: str) -> int | None:
+            value = get(name)
+            if not value:
+                return None
+            if not value.isdigit() or int(value) < 1:
+                errors.append(f"{name}: must be a whole number of at least 1 (got {value!r})")
+                return None
+            return int(value)
+
+        def label_key(name: str, default: str = "") -> str:
+            value = get(name, default)
+            if value and not _is_label_key(value):
+                errors.append(f"{name}: {value!r} is not a valid Kubernetes label key")
+            return value
+
+        def label_value(name: str) -> str:
+            value = get(name)
+            if len(value) > 63 or not _LABEL_VALUE.match(value):
+                errors.append(f"{name}: {value!r} is not a valid Kubernetes label value")
+            return value
+
+        image = get("ENVOY_IMAGE", DEFAULT_ENVOY_IMAGE) or DEFAULT_ENVOY_IMAGE
+        if not _IMAGE.match(image):
+            errors.append(f"ENVOY_IMAGE: {image!r} is not a container image reference")
+        namespace = get("GATEWAY_NAMESPACE", DEFAULT_GATEWAY_NAMESPACE) or DEFAULT_GATEWAY_NAMESPACE
+        if len(namespace) > 63 or not _DNS1123_LABEL.match(namespace):
+            errors.append(f"GATEWAY_NAMESPACE: {namespace!r} is not a valid namespace name")
+        domain = (get("CLUSTER_DOMAIN", DEFAULT_CLUSTER_DOMAIN) or DEFAULT_CLUSTER_DOMAIN).rstrip(
+            "."
+        )
+        if len(domain) > 253 or not _DNS1123_SUBDOMAIN.match(domain):
+            errors.append(f"CLUSTER_DOMAIN: {domain!r} is not a valid DNS domain")
+
+        tol_key = label_key("TAINT_TOLERATION_KEY")
+        tol_value = label_value("TAINT_TOLERATION_VALUE")
+        if tol_value and not tol_key:
+            errors.append("TAINT_TOLERATION_VALUE: is set but TAINT_TOLERATION_KEY is empty")
+        sel_key = label_key("NODE_SELECTOR_KEY")
+        sel_value = label_value("NODE_SELECTOR_VALUE")
+        if sel_value and not sel_key:
+            errors.append("NODE_SELECTOR_VALUE: is set but NODE_SELECTOR_KEY is empty")
+
+        spread: list[TopologySpread] = []
+        enable_spread = flag("ENABLE_POD_TOPOLOGY_SPREAD")
+        zone_skew = positive_int("POD_TOPOLOGY_ZONE_MAX_SKEW")
+        zone_key = label_key("POD_TOPOLOGY_ZONE_MAX_SKEW_KEY", DEFAULT_ZONE_KEY) or DEFAULT_ZONE_KEY
+        host_skew = positive_int("POD_TOPOLOGY_HOSTNAME_MAX_SKEW")
+        host_key = (
+            label_key("POD_TOPOLOGY_HOSTNAME_MAX_SKEW_KEY", DEFAULT_HOSTNAME_KEY)
+            or DEFAULT_HOSTNAME_KEY
+        )
+        if enable_spread:
+            if zone_skew is not None:
+                spread.append(TopologySpread(zone_skew, zone_key))
+            if host_skew is not None:
+                spread.append(TopologySpread(host_skew, host_key))
+            if not spread:
+                errors.append(
+                    "ENABLE_POD_TOPOLOGY_SPREAD: is true but neither "
+                    "POD_TOPOLOGY_ZONE_MAX_SKEW nor POD_TOPOLOGY_HOSTNAME_MAX_SKEW is set"
+                )
+
+        settings = cls(
+            envoy_image=image,
+            gateway_namespace=namespace,
+            cluster_domain=domain,
+            toleration_key=tol_key or None,
+            toleration_value=tol_value,
+            node_selector_key=sel_key or None,
+            node_selector_value=sel_value,
+            topology_spread=tuple(spread),
+            service_topology_mode=flag("ENABLE_SERVICE_TOPOLOGY_MODE"),
+            enable_pdb=flag("ENABLE_PDB"),
+        )
+        if errors:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+        return settings
+
+
+def _is_label_key(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
+        return False
+    return 0 < len(name) <= 63 and bool(_LABEL_NAME.match(name))
