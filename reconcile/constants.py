@@ -26,6 +26,13 @@ ANNOTATION_DNS_NAME = f"{GROUP}/dns-name"
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
 ANNOTATION_ADMIN_PORT = f"{GROUP}/admin-port"
 ANNOTATION_TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
+# Hash of the object as we last applied it; see reconcile.drift.
+ANNOTATION_APPLIED_HASH = f"{GROUP}/applied-hash"
+# On a deleted ExternalService: when its gateway may go (DNS has had time to forget it).
+ANNOTATION_DELETE_AFTER = f"{GROUP}/delete-after"
+
+# Holds a deleted ExternalService until its DNS rule is gone and the grace period has passed.
+FINALIZER = f"{GROUP}/gateway-cleanup"
 
 # Grants on client pods. The NetworkPolicy admits both forms: the one the original operator's
 # policy enforced (allowed-<name>: "true") and the one its README documented

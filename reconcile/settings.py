@@ -16,6 +16,9 @@ DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
 DEFAULT_HOSTNAME_KEY = "kubernetes.io/hostname"
+# Covers the kubelet's ConfigMap sync (~60 s), CoreDNS reload (~30 s) and cached answers.
+DEFAULT_DELETE_GRACE_S = 180
+DEFAULT_SWEEP_CONCURRENCY = 4
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
@@ -50,6 +53,8 @@ class Settings:
     topology_spread: tuple[TopologySpread, ...] = ()
     service_topology_mode: bool = False
     enable_pdb: bool = False
+    delete_grace_s: int = DEFAULT_DELETE_GRACE_S
+    sweep_concurrency: int = DEFAULT_SWEEP_CONCURRENCY
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -74,6 +79,15 @@ class Settings:
             if not value.isdigit() or int(value) < 1:
                 errors.append(f"{name}: must be a whole number of at least 1 (got {value!r})")
                 return None
+            return int(value)
+
+        def whole_number(name: str, default: int, low: int) -> int:
+            value = get(name)
+            if not value:
+                return default
+            if not value.isdigit() or int(value) < low:
+                errors.append(f"{name}: must be a whole number of at least {low} (got {value!r})")
+                return default
             return int(value)
 
         def label_key(name: str, default: str = "") -> str:
@@ -140,6 +154,8 @@ class Settings:
             topology_spread=tuple(spread),
             service_topology_mode=flag("ENABLE_SERVICE_TOPOLOGY_MODE"),
             enable_pdb=flag("ENABLE_PDB"),
+            delete_grace_s=whole_number("DELETE_GRACE_SECONDS", DEFAULT_DELETE_GRACE_S, 0),
+            sweep_concurrency=whole_number("SWEEP_CONCURRENCY", DEFAULT_SWEEP_CONCURRENCY, 1),
         )
         if errors:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))

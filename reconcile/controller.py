@@ -1,0 +1,507 @@
+"""Converge one ExternalService, or all of them, from live state. Stateless and level-triggered.
+
+Every call reads what the cluster holds now, renders what it should hold, and writes only the
+difference, so duplicated, reordered or stale notices are harmless and two processes working on
+the same object at once both end in the same state (server-side apply with one field manager,
+``force`` taking back fields someone edited by hand).
+
+Deletion never causes an outage: the finalizer keeps a deleted ExternalService while its DNS
+rule is withdrawn and a grace period passes (recorded on the object, since a function cannot
+sleep through it); a later notice or sweep then removes the gateway and releases the object.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconcile import constants as c
+from reconcile.drift import FieldDiff, diff, with_applied_hash
+from reconcile.errors import PermanentError
+from reconcile.hijack import HijackState, next_hijack_state
+from reconcile.kube import (
+    BY_KIND,
+    DEPLOYMENT,
+    EXTERNAL_SERVICE,
+    GATEWAY_KINDS,
+    SERVICE,
+    Kube,
+    Obj,
+)
+from reconcile.render import render
+from reconcile.settings import Settings
+from reconcile.spec import ExternalService, InvalidExternalService, parse_external_service
+
+Clock = Callable[[], dt.datetime]
+DnsSync = Callable[[Kube], Any]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _timestamp(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_timestamp(text: str) -> dt.datetime | None:
+    try:
+        return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+    except (TypeError, ValueError):
+        return None
+
+
+class Outcome:
+    CONVERGED = "converged"  # writes were needed and made
+    IN_SYNC = "in-sync"  # nothing to write
+    INVALID = "invalid"  # spec refused; condition written, gateway untouched
+    CONFLICT = "conflict"  # a foreign object holds one of our names
+    NOT_FOUND = "not-found"
+    DELETING = "deleting"  # DNS withdrawn, waiting out the grace period
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    action: str  # create, update, delete
+    kind: str
+    name: str
+    namespace: str | None
+    fields: tuple[FieldDiff, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "kind": self.kind,
+            "name": self.name,
+            "namespace": self.namespace,
+            "fields": [f.to_dict() for f in self.fields],
+        }
+
+
+@dataclass
+class Result:
+    name: str
+    outcome: str
+    changes: list[Change] = field(default_factory=list)
+    hijack_state: str | None = None
+    requeue_after_s: float | None = None
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "outcome": self.outcome,
+            "changes": [ch.to_dict() for ch in self.changes],
+        }
+        if self.hijack_state is not None:
+            out["hijackState"] = self.hijack_state
+        if self.requeue_after_s is not None:
+            out["requeueAfterSeconds"] = round(self.requeue_after_s, 1)
+        if self.message:
+            out["message"] = self.message
+        return out
+
+
+@dataclass
+class SweepReport:
+    results: list[Result] = field(default_factory=list)
+    pruned: list[Change] = field(default_factory=list)
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def drift(self) -> list[Change]:
+        return [ch for r in self.results for ch in r.changes] + self.pruned
+
+    def to_dict(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for r in self.results:
+            counts[r.outcome] = counts.get(r.outcome, 0) + 1
+        return {
+            "externalServices": len(self.results),
+            "outcomes": counts,
+            "drift": [ch.to_dict() for ch in self.drift],
+            "results": [
+                r.to_dict() for r in self.results if r.changes or r.outcome != Outcome.IN_SYNC
+            ],
+            "errors": self.errors,
+        }
+
+
+@dataclass
+class Observed:
+    """Live state of one gateway: its ExternalService and our children by kind."""
+
+    external_service: Obj | None
+    children: dict[str, Obj] = field(default_factory=dict)
+    foreign: dict[str, Obj] = field(default_factory=dict)
+
+
+def _ours(obj: Obj, name: str) -> bool:
+    return (obj.get("metadata", {}).get("labels") or {}).get(c.LABEL_GATEWAY) == name
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: Kube,
+        settings: Settings,
+        *,
+        clock: Clock = utcnow,
+        dns_sync: DnsSync | None = None,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.clock = clock
+        self.dns_sync = dns_sync
+
+    # -- observation -----------------------------------------------------------------------
+
+    def observe(self, name: str) -> Observed:
+        es = self.kube.get(EXTERNAL_SERVICE, name)
+        observed = Observed(es)
+        if es is None:
+            return observed
+        for resource in GATEWAY_KINDS:
+            live = self.kube.get(resource, name, self.settings.gateway_namespace)
+            if live is not None:
+                live.setdefault("apiVersion", resource.api_version)
+                live.setdefault("kind", resource.kind)
+                target = observed.children if _ours(live, name) else observed.foreign
+                target[resource.kind] = live
+        return observed
+
+    # -- one ExternalService ---------------------------------------------------------------
+
+    def reconcile(self, name: str, observed: Observed | None = None) -> Result:
+        obs = observed if observed is not None else self.observe(name)
+        es_obj = obs.external_service
+        if es_obj is None:
+            return Result(name, Outcome.NOT_FOUND, message="no such ExternalService")
+        if es_obj.get("metadata", {}).get("deletionTimestamp"):
+            return self._finalize(name, es_obj, obs)
+        try:
+            es = parse_external_service(es_obj)
+        except InvalidExternalService as exc:
+            return self._invalid(name, es_obj, exc)
+        if obs.foreign:
+            kinds = ", ".join(sorted(obs.foreign))
+            message = (
+                f"{kinds} named {name!r} in namespace {self.settings.gateway_namespace} "
+                "exist(s) without our labels; refusing to take them over"
+            )
+            self._write_status(es_obj, self._conflict_status(es_obj, message))
+            return Result(name, Outcome.CONFLICT, message=message)
+        return self._converge(es, es_obj, obs)
+
+    def _converge(self, es: ExternalService, es_obj: Obj, obs: Observed) -> Result:
+        changes: list[Change] = []
+        if c.FINALIZER not in (es_obj["metadata"].get("finalizers") or []):
+            self.kube.apply(
+                {
+                    "apiVersion": c.API_VERSION,
+                    "kind": c.KIND,
+                    "metadata": {"name": es.name, "finalizers": [c.FINALIZER]},
+                }
+            )
+        live_service = obs.children.get(SERVICE.kind)
+        previous = HijackState.parse(
+            (live_service or {}).get("metadata", {}).get("labels", {}).get(c.LABEL_HIJACK_DNS)
+            if live_service
+            else None
+        )
+        ready_replicas = _ready_replicas(obs.children.get(DEPLOYMENT.kind))
+        state = next_hijack_state(es.spec.hijack_dns, ready_replicas >= 1, previous)
+        desired = [with_applied_hash(obj) for obj in render(es, self.settings, state)]
+        applied_service = live_service
+        for obj in desired:
+            kind = obj["kind"]
+            live = obs.children.get(kind)
+            fields = diff(obj, live)
+            if not fields:
+                continue
+            result = self.kube.apply(obj)
+            if kind == SERVICE.kind:
+                applied_service = result
+            changes.append(
+                Change(
+                    "create" if live is None else "update",
+                    kind,
+                    es.name,
+                    self.settings.gateway_namespace,
+                    tuple(fields) if live is not None else (),
+                )
+            )
+        desired_kinds = {obj["kind"] for obj in desired}
+        for kind, live in obs.children.items():
+            if kind not in desired_kinds:
+                changes.append(self._delete_child(BY_KIND[kind].kind, live))
+        if self.dns_sync is not None and (previous is not state or live_service is None):
+            self.dns_sync(self.kube)
+        cluster_ip = ((applied_service or {}).get("spec") or {}).get("clusterIP")
+        status = self._ready_status(es_obj, state, ready_replicas, cluster_ip)
+        self._write_status(es_obj, status)
+        outcome = Outcome.CONVERGED if changes else Outcome.IN_SYNC
+        return Result(es.name, outcome, changes, hijack_state=state.value)
+
+    def _delete_child(self, kind: str, live: Obj) -> Change:
+        meta = live["metadata"]
+        self.kube.delete(
+            BY_KIND[kind], meta["name"], meta.get("namespace"), uid=meta.get("uid", "")
+        )
+        return Change("delete", kind, meta["name"], meta.get("namespace"))
+
+    def _invalid(self, name: str, es_obj: Obj, exc: InvalidExternalService) -> Result:
+        message = "; ".join(str(e) for e in exc.errors)
+        previous = es_obj.get("status") or {}
+        status = {
+            **{
+                k: v
+                for k, v in previous.items()
+                if k in ("clusterIP", "readyReplicas", "hijackState")
+            },
+            "observedGeneration": _generation(es_obj),
+            "conditions": self._conditions(
+                es_obj,
+                [
+                    ("Valid", "False", "InvalidSpec", message),
+                    (
+                        "Ready",
+                        _condition_status(es_obj, "Ready") or "False",
+                        "InvalidSpec",
+                        "spec is invalid; the last good gateway, if any, is left running untouched",
+                    ),
+                    (
+                        "DnsHijacked",
+                        _condition_status(es_obj, "DnsHijacked") or "False",
+                        "InvalidSpec",
+                        "spec is invalid; DNS is left as it was",
+                    ),
+                ],
+            ),
+        }
+        self._write_status(es_obj, status)
+        return Result(name, Outcome.INVALID, message=message)
+
+    # -- deletion --------------------------------------------------------------------------
+
+    def _finalize(self, name: str, es_obj: Obj, obs: Observed) -> Result:
+        meta = es_obj["metadata"]
+        if c.FINALIZER not in (meta.get("finalizers") or []):
+            return Result(name, Outcome.DELETING, message="waiting for other finalizers")
+        changes: list[Change] = []
+        service = obs.children.get(SERVICE.kind)
+        if (
+            service is not None
+            and service["metadata"].get("labels", {}).get(c.LABEL_HIJACK_DNS) != "false"
+        ):
+            self.kube.merge_patch(
+                SERVICE,
+                name,
+                {"metadata": {"labels": {c.LABEL_HIJACK_DNS: HijackState.FALSE.value}}},
+                self.settings.gateway_namespace,
+            )
+            changes.append(Change("update", SERVICE.kind, name, self.settings.gateway_namespace))
+            if self.dns_sync is not None:
+                self.dns_sync(self.kube)
+        now = self.clock()
+        deadline = _parse_timestamp(
+            (meta.get("annotations") or {}).get(c.ANNOTATION_DELETE_AFTER, "")
+        )
+        if deadline is None:
+            deadline = now + dt.timedelta(seconds=self.settings.delete_grace_s)
+            if self.settings.delete_grace_s > 0:
+                self.kube.merge_patch(
+                    EXTERNAL_SERVICE,
+                    name,
+                    {
+                        "metadata": {
+                            "annotations": {c.ANNOTATION_DELETE_AFTER: _timestamp(deadline)}
+                        }
+                    },
+                )
+        if now < deadline:
+            remaining = (deadline - now).total_seconds()
+            return Result(
+                name,
+                Outcome.DELETING,
+                changes,
+                requeue_after_s=remaining,
+                message=f"DNS withdrawn; gateway removed after {_timestamp(deadline)}",
+            )
+        for kind, live in obs.children.items():
+            changes.append(self._delete_child(kind, live))
+        self._release_finalizer(name, meta)
+        return Result(name, Outcome.DELETED, changes)
+
+    def _release_finalizer(self, name: str, meta: Obj) -> None:
+        remaining = [f for f in meta.get("finalizers") or [] if f != c.FINALIZER]
+        patch = [
+            {"op": "test", "path": "/metadata/finalizers", "value": meta.get("finalizers") or []},
+            {"op": "replace", "path": "/metadata/finalizers", "value": remaining},
+        ]
+        self.kube.request(
+            "PATCH",
+            EXTERNAL_SERVICE.path(None, name),
+            body=patch,
+            content_type="application/json-patch+json",
+        )
+
+    # -- status ----------------------------------------------------------------------------
+
+    def _conditions(self, es_obj: Obj, wanted: Iterable[tuple[str, str, str, str]]) -> list[Obj]:
+        previous = {
+            cond.get("type"): cond for cond in (es_obj.get("status") or {}).get("conditions") or []
+        }
+        now = _timestamp(self.clock())
+        out: list[Obj] = []
+        for ctype, status, reason, message in wanted:
+            old = previous.get(ctype) or {}
+            changed = old.get("status") != status
+            out.append(
+                {
+                    "type": ctype,
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": now
+                    if changed or "lastTransitionTime" not in old
+                    else old["lastTransitionTime"],
+                    "observedGeneration": _generation(es_obj),
+                }
+            )
+        return out
+
+    def _ready_status(
+        self, es_obj: Obj, state: HijackState, ready: int, cluster_ip: str | None
+    ) -> Obj:
+        if ready >= 1:
+            ready_cond = ("Ready", "True", "GatewayReady", f"{ready} gateway pod(s) ready")
+        else:
+            ready_cond = ("Ready", "False", "WaitingForPods", "no gateway pod is ready yet")
+        if state is HijackState.TRUE:
+            dns_cond = (
+                "DnsHijacked",
+                "True",
+                "Hijacked",
+                "cluster DNS answers dnsName with the gateway",
+            )
+        elif state is HijackState.WAITING_FOR_PODS:
+            dns_cond = (
+                "DnsHijacked",
+                "False",
+                "WaitingForPods",
+                "DNS is rewritten once a gateway pod is ready",
+            )
+        else:
+            dns_cond = ("DnsHijacked", "False", "HijackDisabled", "spec.hijackDns is false")
+        status: Obj = {
+            "observedGeneration": _generation(es_obj),
+            "conditions": self._conditions(
+                es_obj, [("Valid", "True", "Valid", "spec is valid"), ready_cond, dns_cond]
+            ),
+            "readyReplicas": ready,
+            "hijackState": state.value,
+        }
+        if cluster_ip:
+            status["clusterIP"] = cluster_ip
+        return status
+
+    def _conflict_status(self, es_obj: Obj, message: str) -> Obj:
+        return {
+            **(es_obj.get("status") or {}),
+            "observedGeneration": _generation(es_obj),
+            "conditions": self._conditions(
+                es_obj,
+                [
+                    ("Valid", "True", "Valid", "spec is valid"),
+                    ("Ready", "False", "NameConflict", message),
+                    ("DnsHijacked", "False", "NameConflict", message),
+                ],
+            ),
+        }
+
+    def _write_status(self, es_obj: Obj, status: Obj) -> None:
+        if _status_equal(es_obj.get("status") or {}, status):
+            return
+        self.kube.merge_patch(
+            EXTERNAL_SERVICE, es_obj["metadata"]["name"], {"status": status}, subresource="status"
+        )
+
+    # -- everything ------------------------------------------------------------------------
+
+    def sweep(self) -> SweepReport:
+        """Reconcile every ExternalService from one paginated LIST per kind, then prune orphans."""
+        namespace = self.settings.gateway_namespace
+        externals, _ = self.kube.list_all(EXTERNAL_SERVICE)
+        by_name: dict[str, Observed] = {es["metadata"]["name"]: Observed(es) for es in externals}
+        orphans: list[Obj] = []
+        for resource in GATEWAY_KINDS:
+            items, _ = self.kube.list_all(resource, namespace, label_selector=c.LABEL_GATEWAY)
+            for item in items:
+                gateway = item["metadata"]["labels"][c.LABEL_GATEWAY]
+                target = by_name.get(gateway)
+                if target is None:
+                    orphans.append(item)
+                elif item["metadata"]["name"] == gateway:
+                    target.children[resource.kind] = item
+        # Foreign objects holding a gateway's name are not listed by label; a gateway whose
+        # children are missing gets a GET per missing kind only when it is applied (conflict).
+        report = SweepReport()
+
+        def one(name: str) -> Result:
+            return self.reconcile(name, by_name[name])
+
+        with ThreadPoolExecutor(max_workers=self.settings.sweep_concurrency) as pool:
+            futures = {name: pool.submit(one, name) for name in sorted(by_name)}
+            for name, future in futures.items():
+                try:
+                    report.results.append(future.result())
+                except Exception as exc:
+                    report.errors.append({"name": name, "error": str(exc)})
+        for item in orphans:
+            meta = item["metadata"]
+            if meta.get("ownerReferences") and meta["labels"].get(c.LABEL_GATEWAY) in by_name:
+                continue
+            report.pruned.append(self._delete_child(item["kind"], item))
+        return report
+
+
+def _ready_replicas(deployment: Obj | None) -> int:
+    if not deployment:
+        return 0
+    value = (deployment.get("status") or {}).get("readyReplicas") or 0
+    return int(value)
+
+
+def _generation(obj: Obj) -> int:
+    return int(obj.get("metadata", {}).get("generation") or 0)
+
+
+def _condition_status(es_obj: Obj, ctype: str) -> str | None:
+    for cond in (es_obj.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == ctype:
+            return str(cond.get("status"))
+    return None
+
+
+def _status_equal(live: Obj, desired: Obj) -> bool:
+    for key, value in desired.items():
+        if key == "conditions":
+            live_conds = {cd.get("type"): cd for cd in live.get("conditions") or []}
+            for cond in value:
+                old = live_conds.get(cond["type"])
+                if old is None or any(old.get(k) != v for k, v in cond.items()):
+                    return False
+        elif live.get(key) != value:
+            return False
+    return True
+
+
+def ensure_permanent(result: Result) -> None:
+    """Raise PermanentError for outcomes a retry cannot fix (used by event handlers)."""
+    if result.outcome in (Outcome.INVALID, Outcome.CONFLICT):
+        raise PermanentError(f"{result.name}: {result.outcome}: {result.message}")

@@ -1,0 +1,263 @@
+"""All Kubernetes I/O of the product, through one small REST layer over the official client.
+
+The typed clients of the pinned ``kubernetes`` release cannot send a server-side apply and
+deserialising into their models is slow, so requests go through ``ApiClient.call_api`` with
+plain JSON in and out. Every request is counted (the benchmarks and the zero-write guarantee of
+an in-sync sweep are measured with these counters), retried for transient failures in
+``reconcile.errors``, and carries dry run when asked.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconcile import constants as c
+from reconcile.errors import RetryPolicy, classify, with_retries
+
+Obj = dict[str, Any]
+
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
+MERGE_CONTENT_TYPE = "application/merge-patch+json"
+LIST_PAGE_SIZE = 500
+DEFAULT_RETRY = RetryPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    api_version: str
+    kind: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        if self.namespaced:
+            base += f"/namespaces/{namespace}"
+        base += f"/{self.plural}"
+        return f"{base}/{name}" if name else base
+
+
+EXTERNAL_SERVICE = Resource(c.API_VERSION, c.KIND, c.PLURAL, namespaced=False)
+CONFIGMAP = Resource("v1", "ConfigMap", "configmaps")
+SERVICE = Resource("v1", "Service", "services")
+DEPLOYMENT = Resource("apps/v1", "Deployment", "deployments")
+HPA = Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
+NETWORK_POLICY = Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
+PDB = Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
+
+GATEWAY_KINDS: tuple[Resource, ...] = (CONFIGMAP, NETWORK_POLICY, SERVICE, DEPLOYMENT, HPA, PDB)
+BY_KIND: dict[str, Resource] = {r.kind: r for r in (EXTERNAL_SERVICE, *GATEWAY_KINDS)}
+
+
+class Gone(Exception):
+    """410: a list continue token or a watch resourceVersion expired."""
+
+
+@dataclass
+class Counters:
+    """Requests sent, by verb; thread-safe so that concurrent reconciles can share a client."""
+
+    by_verb: Counter[str] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, verb: str) -> None:
+        with self.lock:
+            self.by_verb[verb] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_verb.values())
+
+    @property
+    def writes(self) -> int:
+        return sum(n for verb, n in self.by_verb.items() if verb in MUTATING)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.by_verb)
+
+
+class Kube:
+    """A Kubernetes API client speaking plain dicts. ``dry_run`` applies to every write."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        dry_run: bool = False,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.api = api_client
+        self.dry_run = dry_run
+        self.retry = retry
+        self.timeout_s = timeout_s
+        self.counters = Counters()
+
+    def with_dry_run(self, dry_run: bool) -> Kube:
+        clone = Kube(self.api, dry_run=dry_run, retry=self.retry, timeout_s=self.timeout_s)
+        clone.counters = self.counters
+        return clone
+
+    # -- transport -------------------------------------------------------------------------
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, str]] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        final_statuses: frozenset[int] = frozenset(),
+    ) -> Any:
+        query = list(query or [])
+        if self.dry_run and method in MUTATING:
+            query.append(("dryRun", "All"))
+
+        def call() -> Any:
+            self.counters.add(method)
+            response = self.api.call_api(
+                path,
+                method,
+                query_params=query,
+                header_params={"Accept": "application/json", "Content-Type": content_type},
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=self.timeout_s,
+            )
+            data = response[0].data if isinstance(response, tuple) else response.data
+            return json.loads(data) if data else None
+
+        return with_retries(call, self.retry, final_statuses=final_statuses)
+
+    def _status_of(self, exc: BaseException) -> int | None:
+        cause = exc.__cause__ or exc
+        return classify(cause).status
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def get(self, resource: Resource, name: str, namespace: str | None = None) -> Obj | None:
+        """The live object, or None when it does not exist."""
+        try:
+            result: Obj = self.request("GET", resource.path(namespace, name))
+            return result
+        except Exception as exc:
+            if self._status_of(exc) == 404:
+                return None
+            raise
+
+    def list_all(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+    ) -> tuple[list[Obj], str]:
+        """Every object, paginated; restarts from scratch if a continue token expires (410).
+
+        Returns the items and the list's resourceVersion (a starting point for a watch).
+        """
+        for _ in range(5):
+            try:
+                return self._list_once(resource, namespace, label_selector)
+            except Gone:
+                continue
+        raise Gone(f"list of {resource.plural} kept expiring")
+
+    def _list_once(
+        self, resource: Resource, namespace: str | None, label_selector: str | None
+    ) -> tuple[list[Obj], str]:
+        items: list[Obj] = []
+        token = ""
+        while True:
+            query = [("limit", str(LIST_PAGE_SIZE))]
+            if label_selector:
+                query.append(("labelSelector", label_selector))
+            if token:
+                query.append(("continue", token))
+            try:
+                page = self.request("GET", resource.path(namespace), query=query)
+            except Exception as exc:
+                if self._status_of(exc) == 410:
+                    raise Gone(str(exc)) from exc
+                raise
+            for item in page.get("items") or []:
+                item.setdefault("apiVersion", resource.api_version)
+                item.setdefault("kind", resource.kind)
+                items.append(item)
+            token = page.get("metadata", {}).get("continue") or ""
+            if not token:
+                return items, str(page.get("metadata", {}).get("resourceVersion", ""))
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def apply(self, obj: Obj, *, force: bool = True) -> Obj:
+        """Server-side apply under the product's single field manager."""
+        resource = BY_KIND[obj["kind"]]
+        meta = obj["metadata"]
+        query = [("fieldManager", c.FIELD_MANAGER), ("force", "true" if force else "false")]
+        result: Obj = self.request(
+            "PATCH",
+            resource.path(meta.get("namespace"), meta["name"]),
+            query=query,
+            body=obj,
+            content_type=APPLY_CONTENT_TYPE,
+        )
+        return result
+
+    def merge_patch(
+        self,
+        resource: Resource,
+        name: str,
+        patch: Obj,
+        namespace: str | None = None,
+        *,
+        subresource: str = "",
+    ) -> Obj:
+        path = resource.path(namespace, name) + (f"/{subresource}" if subresource else "")
+        result: Obj = self.request("PATCH", path, body=patch, content_type=MERGE_CONTENT_TYPE)
+        return result
+
+    def delete(
+        self, resource: Resource, name: str, namespace: str | None = None, *, uid: str = ""
+    ) -> bool:
+        """Delete with background propagation; False if it was already gone.
+
+        With ``uid`` the delete only removes that incarnation of the object.
+        """
+        body: Obj = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            self.request(
+                "DELETE", resource.path(namespace, name), body=body, final_statuses=frozenset({409})
+            )
+            return True
+        except Exception as exc:
+            status = self._status_of(exc)
+            if status in (404, 409) and (status == 404 or uid):
+                return False
+            raise
+
+
+def api_client_from_kubeconfig(path: str | None = None, context: str | None = None) -> Any:
+    """An ApiClient from a kubeconfig file (``$KUBECONFIG`` or ~/.kube/config when None)."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=path, context=context, client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+def api_client_in_cluster() -> Any:
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
