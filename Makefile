@@ -31,3 +31,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# The real local control plane (etcd, kube-apiserver, controllers, CoreDNS, Pub/Sub emulator).
+.PHONY: dev-up dev-down dev-status
+dev-up: $(STAMP)
+	$(BIN)/egressctl dev up
+
+dev-down: $(STAMP)
+	$(BIN)/egressctl dev down
+
+dev-status: $(STAMP)
+	$(BIN)/egressctl dev status

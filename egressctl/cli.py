@@ -12,7 +12,11 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ("egressctl.render_cmds",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "egressctl.render_cmds",
+    "egressctl.ops_cmds",
+    "egressctl.devstack",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,7 +83,7 @@ def _body(exc: BaseException) -> str:
 def with_retries(
     call: Callable[[], T],
     policy: RetryPolicy | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
     final_statuses: frozenset[int] = frozenset(),
 ) -> T:
     """Run ``call``; retry transient failures with jittered backoff (honouring Retry-After).
@@ -107,5 +107,5 @@ def with_retries(
             if delay is None:
                 delay = min(policy.max_delay_s, policy.base_delay_s * 2 ** (attempt - 1))
                 delay *= 0.5 + random.random() / 2
-            sleep(delay)
+            (sleep or time.sleep)(delay)
     raise AssertionError("unreachable")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,15 +93,19 @@ class Kube:
         dry_run: bool = False,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout_s: float = 30.0,
+        sleep: Callable[[float], None] | None = None,
     ) -> None:
         self.api = api_client
+        self.sleep = sleep
         self.dry_run = dry_run
         self.retry = retry
         self.timeout_s = timeout_s
         self.counters = Counters()
 
     def with_dry_run(self, dry_run: bool) -> Kube:
-        clone = Kube(self.api, dry_run=dry_run, retry=self.retry, timeout_s=self.timeout_s)
+        clone = Kube(
+            self.api, dry_run=dry_run, retry=self.retry, timeout_s=self.timeout_s, sleep=self.sleep
+        )
         clone.counters = self.counters
         return clone
 
@@ -135,7 +140,7 @@ class Kube:
             data = response[0].data if isinstance(response, tuple) else response.data
             return json.loads(data) if data else None
 
-        return with_retries(call, self.retry, final_statuses=final_statuses)
+        return with_retries(call, self.retry, sleep=self.sleep, final_statuses=final_statuses)
 
     def _status_of(self, exc: BaseException) -> int | None:
         cause = exc.__cause__ or exc

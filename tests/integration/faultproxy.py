@@ -1,0 +1,132 @@
+"""A small HTTP proxy in front of the real API server that injects failures on request.
+
+Tests point a client at ``http://127.0.0.1:<port>``; the proxy forwards over TLS with the
+identity's client certificate, except for requests matching a queued fault, which get a
+synthetic status (409, 429 with Retry-After, 500...) or a dropped connection instead.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+@dataclass
+class Fault:
+    method: str
+    path_contains: str
+    status: int | None  # None: drop the connection
+    times: int = 1
+    retry_after: str | None = None
+
+
+@dataclass
+class FaultProxy:
+    upstream: str
+    context: ssl.SSLContext
+    faults: list[Fault] = field(default_factory=list)
+    injected: list[tuple[str, str, int | None]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: ThreadingHTTPServer | None = None
+
+    @classmethod
+    def from_kubeconfig(cls, path: str) -> FaultProxy:
+        with open(path, encoding="utf-8") as fh:
+            cfg = yaml.safe_load(fh)
+        cluster = cfg["clusters"][0]["cluster"]
+        user = cfg["users"][0]["user"]
+        context = ssl.create_default_context(cafile=cluster["certificate-authority"])
+        context.load_cert_chain(user["client-certificate"], user["client-key"])
+        return cls(upstream=cluster["server"], context=context)
+
+    def inject(self, fault: Fault) -> None:
+        with self.lock:
+            self.faults.append(fault)
+
+    def _take(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in self.faults:
+                if fault.method == method and fault.path_contains in path and fault.times > 0:
+                    fault.times -= 1
+                    self.injected.append((method, path, fault.status))
+                    return fault
+        return None
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        host, port = self.server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        proxy = self
+        target = urlsplit(self.upstream)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                fault = proxy._take(self.command, self.path)
+                if fault is not None:
+                    if fault.status is None:
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                    payload = json.dumps(
+                        {
+                            "kind": "Status",
+                            "apiVersion": "v1",
+                            "status": "Failure",
+                            "code": fault.status,
+                        }
+                    ).encode()
+                    self.send_response(fault.status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    if fault.retry_after:
+                        self.send_header("Retry-After", fault.retry_after)
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                conn = http.client.HTTPSConnection(
+                    target.hostname, target.port, context=proxy.context, timeout=30
+                )
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() not in ("host", "connection", "authorization")
+                }
+                conn.request(self.command, self.path, body=body, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -1,0 +1,511 @@
+"""The stateless reconciler against the real local control plane, run as its own RBAC identity."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from reconcile import constants as c
+from reconcile.controller import Outcome, Reconciler
+from reconcile.errors import PermanentError, RetryPolicy
+from reconcile.kube import (
+    CONFIGMAP,
+    DEPLOYMENT,
+    EXTERNAL_SERVICE,
+    NETWORK_POLICY,
+    PDB,
+    SERVICE,
+    Kube,
+    Resource,
+    api_client_from_kubeconfig,
+)
+from reconcile.settings import Settings
+from tests.conftest import DevStack
+from tests.integration.faultproxy import Fault, FaultProxy
+from tests.integration.helpers import (
+    GATEWAY_NS,
+    children,
+    create_es,
+    eventually,
+    external_service,
+    purge,
+    set_pods_ready,
+    update_spec,
+)
+
+pytestmark = pytest.mark.cluster
+
+KINDS = {"ConfigMap", "NetworkPolicy", "Service", "Deployment", "HorizontalPodAutoscaler"}
+
+
+@pytest.fixture(scope="module")
+def admin(dev_stack: DevStack) -> Kube:
+    return Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def as_reconciler(dev_stack: DevStack) -> Kube:
+    return Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = dt.datetime.now(dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def reconciler(as_reconciler: Kube, clock: Clock) -> Reconciler:
+    return Reconciler(as_reconciler, Settings(delete_grace_s=60), clock=clock)
+
+
+@pytest.fixture
+def es_name(admin: Kube, unique: str) -> Iterator[str]:
+    name = f"gw-{unique}"
+    yield name
+    purge(admin, name)
+
+
+def test_create_builds_every_object_owned_and_labelled(
+    admin: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    created = create_es(admin, external_service(es_name, hijackDns=True))
+    result = reconciler.reconcile(es_name)
+    assert result.outcome == Outcome.CONVERGED
+    assert {ch.kind for ch in result.changes if ch.action == "create"} == KINDS
+    live = children(admin, es_name)
+    assert set(live) == KINDS
+    for obj in live.values():
+        meta = obj["metadata"]
+        assert meta["labels"][c.LABEL_GATEWAY] == es_name
+        assert meta["ownerReferences"][0]["uid"] == created["metadata"]["uid"]
+        assert meta["ownerReferences"][0]["controller"] is True
+    assert live["Service"]["spec"]["clusterIP"]
+    assert live["Service"]["metadata"]["labels"][c.LABEL_HIJACK_DNS] == "waiting-for-pods"
+    assert "replicas" not in _applied_by_us(live["Deployment"], "spec")
+    es = admin.get(EXTERNAL_SERVICE, es_name)
+    assert es is not None
+    assert c.FINALIZER in es["metadata"]["finalizers"]
+    status = es["status"]
+    assert status["observedGeneration"] == es["metadata"]["generation"]
+    assert status["clusterIP"] == live["Service"]["spec"]["clusterIP"]
+    assert status["hijackState"] == "waiting-for-pods"
+    conditions = {cd["type"]: cd for cd in status["conditions"]}
+    assert conditions["Valid"]["status"] == "True"
+    assert conditions["Ready"]["status"] == "False"
+    assert conditions["DnsHijacked"]["reason"] == "WaitingForPods"
+
+
+def _versions(admin: Kube, name: str) -> dict[str, Any]:
+    """resourceVersions of the objects no controller writes, and our apply entries of all.
+
+    The Deployment and HPA controllers update their objects' status, so only our own field
+    manager's entry (its time and fields) says whether we wrote them.
+    """
+    out: dict[str, Any] = {}
+    for kind, obj in children(admin, name).items():
+        ours = [
+            (e["time"], e["fieldsV1"])
+            for e in obj["metadata"]["managedFields"]
+            if e["manager"] == c.FIELD_MANAGER
+        ]
+        out[kind] = ours
+        if kind in ("ConfigMap", "Service", "NetworkPolicy"):
+            out[kind + "/rv"] = obj["metadata"]["resourceVersion"]
+    return out
+
+
+def _applied_by_us(obj: dict[str, Any], top: str) -> dict[str, Any]:
+    for entry in obj["metadata"].get("managedFields") or []:
+        if entry["manager"] == c.FIELD_MANAGER and entry["operation"] == "Apply":
+            fields: dict[str, Any] = entry["fieldsV1"].get(f"f:{top}", {})
+            return {k.removeprefix("f:"): v for k, v in fields.items()}
+    raise AssertionError("no apply entry of ours")
+
+
+def test_second_reconcile_writes_nothing(
+    admin: Kube, as_reconciler: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    create_es(
+        admin, external_service(es_name, ports=[{"port": 443}, {"port": 53, "protocol": "UDP"}])
+    )
+    reconciler.reconcile(es_name)
+    before = _versions(admin, es_name)
+    es_before = admin.get(EXTERNAL_SERVICE, es_name)
+    writes = as_reconciler.counters.writes
+    result = reconciler.reconcile(es_name)
+    assert result.outcome == Outcome.IN_SYNC and not result.changes
+    assert as_reconciler.counters.writes == writes, (
+        "a no-op reconcile must not send a mutating request"
+    )
+    assert _versions(admin, es_name) == before
+    es_after = admin.get(EXTERNAL_SERVICE, es_name)
+    assert es_before is not None and es_after is not None
+    assert es_after["metadata"]["resourceVersion"] == es_before["metadata"]["resourceVersion"]
+
+
+def test_update_adds_and_removes_ports(admin: Kube, reconciler: Reconciler, es_name: str) -> None:
+    create_es(admin, external_service(es_name))
+    reconciler.reconcile(es_name)
+    old_hash = children(admin, es_name)["Deployment"]["spec"]["template"]["metadata"][
+        "annotations"
+    ][c.ANNOTATION_CONFIG_HASH]
+    update_spec(admin, es_name, {"ports": [{"port": 443}, {"port": 8443}]})
+    result = reconciler.reconcile(es_name)
+    assert result.outcome == Outcome.CONVERGED
+    live = children(admin, es_name)
+    assert [p["port"] for p in live["Service"]["spec"]["ports"]] == [443, 8443]
+    assert [p["port"] for p in live["NetworkPolicy"]["spec"]["ingress"][0]["ports"]] == [443, 8443]
+    assert f"{es_name}_TCP_8443" in live["ConfigMap"]["data"]["envoy.yaml"]
+    new_hash = live["Deployment"]["spec"]["template"]["metadata"]["annotations"][
+        c.ANNOTATION_CONFIG_HASH
+    ]
+    assert new_hash != old_hash
+    update_spec(admin, es_name, {"ports": [{"port": 8443}]})
+    reconciler.reconcile(es_name)
+    live = children(admin, es_name)
+    assert [p["port"] for p in live["Service"]["spec"]["ports"]] == [8443]
+    assert [
+        p["containerPort"]
+        for p in live["Deployment"]["spec"]["template"]["spec"]["containers"][0]["ports"]
+    ] == [8443]
+    assert f"{es_name}_TCP_443" not in live["ConfigMap"]["data"]["envoy.yaml"]
+    es = admin.get(EXTERNAL_SERVICE, es_name)
+    assert es is not None and es["status"]["observedGeneration"] == es["metadata"]["generation"]
+
+
+def test_sweep_repairs_hand_made_drift_and_reports_it(
+    admin: Kube, as_reconciler: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    create_es(admin, external_service(es_name))
+    reconciler.reconcile(es_name)
+    admin.merge_patch(
+        DEPLOYMENT,
+        es_name,
+        {
+            "spec": {
+                "template": {
+                    "spec": {"containers": [{"name": "gateway", "image": "evil/envoy:latest"}]}
+                }
+            }
+        },
+        GATEWAY_NS,
+    )
+    admin.merge_patch(CONFIGMAP, es_name, {"data": {"envoy.yaml": "tampered: true\n"}}, GATEWAY_NS)
+    admin.delete(NETWORK_POLICY, es_name, GATEWAY_NS)
+    report = reconciler.sweep()
+    mine = next(r for r in report.results if r.name == es_name)
+    drift = {(ch.kind, ch.action): ch for ch in mine.changes}
+    assert ("NetworkPolicy", "create") in drift
+    fields = {f.path: f for f in drift[("Deployment", "update")].fields}
+    assert fields["spec.template.spec.containers[0].image"].live == "evil/envoy:latest"
+    assert "data.envoy.yaml" in {f.path for f in drift[("ConfigMap", "update")].fields}
+    live = children(admin, es_name)
+    assert (
+        live["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        == Settings().envoy_image
+    )
+    assert "tampered" not in live["ConfigMap"]["data"]["envoy.yaml"]
+    assert "NetworkPolicy" in live
+    writes = as_reconciler.counters.writes
+    again = reconciler.sweep()
+    assert not [r for r in again.results if r.name == es_name and r.changes]
+    assert as_reconciler.counters.writes == writes, "an in-sync sweep writes nothing"
+
+
+def test_delete_withdraws_dns_first_then_removes_the_gateway_after_grace(
+    admin: Kube, reconciler: Reconciler, clock: Clock, es_name: str
+) -> None:
+    create_es(admin, external_service(es_name, hijackDns=True))
+    reconciler.reconcile(es_name)
+    set_pods_ready(admin, es_name, True)
+    assert reconciler.reconcile(es_name).hijack_state == "true"
+    admin.delete(EXTERNAL_SERVICE, es_name)
+    first = reconciler.reconcile(es_name)
+    assert first.outcome == Outcome.DELETING
+    assert first.requeue_after_s == pytest.approx(60, abs=2)
+    live = children(admin, es_name)
+    assert set(live) == KINDS, "the gateway keeps serving during the grace period"
+    assert live["Service"]["metadata"]["labels"][c.LABEL_HIJACK_DNS] == "false"
+    es = admin.get(EXTERNAL_SERVICE, es_name)
+    assert es is not None and c.ANNOTATION_DELETE_AFTER in es["metadata"]["annotations"]
+    clock.now += dt.timedelta(seconds=30)
+    assert reconciler.reconcile(es_name).outcome == Outcome.DELETING
+    assert set(children(admin, es_name)) == KINDS
+    clock.now += dt.timedelta(seconds=31)
+    done = reconciler.reconcile(es_name)
+    assert done.outcome == Outcome.DELETED
+    eventually(
+        lambda: admin.get(EXTERNAL_SERVICE, es_name) is None, 10, "the ExternalService to go"
+    )
+    eventually(lambda: not children(admin, es_name), 30, "the gateway objects to go")
+
+
+def test_garbage_collector_removes_children_of_a_deleted_owner(
+    admin: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    create_es(admin, external_service(es_name))
+    reconciler.reconcile(es_name)
+    admin.merge_patch(EXTERNAL_SERVICE, es_name, {"metadata": {"finalizers": None}})
+    admin.delete(EXTERNAL_SERVICE, es_name)
+    eventually(lambda: not children(admin, es_name), 60, "garbage collection of the gateway")
+
+
+def test_sweep_prunes_orphans_and_switched_off_kinds_but_never_foreign_objects(
+    admin: Kube, as_reconciler: Kube, clock: Clock, es_name: str, unique: str
+) -> None:
+    with_pdb = Reconciler(as_reconciler, Settings(enable_pdb=True), clock=clock)
+    create_es(admin, external_service(es_name))
+    with_pdb.reconcile(es_name)
+    assert "PodDisruptionBudget" in children(admin, es_name)
+    orphan = f"orphan-{unique}"
+    foreign = f"foreign-{unique}"
+    labels = {c.LABEL_APP: c.APP_VALUE, c.LABEL_GATEWAY: orphan}
+    admin.request(
+        "POST",
+        CONFIGMAP.path(GATEWAY_NS),
+        body={
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": orphan, "labels": labels},
+        },
+    )
+    admin.request(
+        "POST",
+        CONFIGMAP.path(GATEWAY_NS),
+        body={
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": foreign, "labels": {"app": "other"}},
+        },
+    )
+    try:
+        report = Reconciler(as_reconciler, Settings(), clock=clock).sweep()
+        pruned = {(ch.kind, ch.name) for ch in report.pruned}
+        assert ("ConfigMap", orphan) in pruned
+        mine = next(r for r in report.results if r.name == es_name)
+        assert ("delete", "PodDisruptionBudget") in {(ch.action, ch.kind) for ch in mine.changes}
+        assert admin.get(CONFIGMAP, orphan, GATEWAY_NS) is None
+        assert admin.get(PDB, es_name, GATEWAY_NS) is None
+        assert admin.get(CONFIGMAP, foreign, GATEWAY_NS) is not None
+        assert ("ConfigMap", foreign) not in pruned
+    finally:
+        admin.delete(CONFIGMAP, foreign, GATEWAY_NS)
+        admin.delete(CONFIGMAP, orphan, GATEWAY_NS)
+
+
+def test_foreign_object_with_a_gateway_name_is_not_taken_over(
+    admin: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    admin.request(
+        "POST",
+        CONFIGMAP.path(GATEWAY_NS),
+        body={
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": es_name},
+            "data": {"mine": "yes"},
+        },
+    )
+    create_es(admin, external_service(es_name))
+    result = reconciler.reconcile(es_name)
+    assert result.outcome == Outcome.CONFLICT
+    foreign = admin.get(CONFIGMAP, es_name, GATEWAY_NS)
+    assert foreign is not None and foreign["data"] == {"mine": "yes"}
+    assert admin.get(SERVICE, es_name, GATEWAY_NS) is None
+    es = admin.get(EXTERNAL_SERVICE, es_name)
+    assert es is not None
+    ready = next(cd for cd in es["status"]["conditions"] if cd["type"] == "Ready")
+    assert ready["reason"] == "NameConflict" and "ConfigMap" in ready["message"]
+
+
+def test_invalid_update_keeps_the_last_good_gateway(
+    admin: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    create_es(admin, external_service(es_name))
+    reconciler.reconcile(es_name)
+    before = {k: v["metadata"]["resourceVersion"] for k, v in children(admin, es_name).items()}
+    # Accepted by the CRD (it cannot compare quantities), refused by the reconciler.
+    update_spec(admin, es_name, {"resources": {"requests": {"cpu": "3"}, "limits": {"cpu": "2"}}})
+    result = reconciler.reconcile(es_name)
+    assert result.outcome == Outcome.INVALID
+    assert "spec.resources.requests.cpu" in result.message
+    after = {k: v["metadata"]["resourceVersion"] for k, v in children(admin, es_name).items()}
+    assert after == before, "a previously working gateway is left untouched"
+    es = admin.get(EXTERNAL_SERVICE, es_name)
+    assert es is not None
+    valid = next(cd for cd in es["status"]["conditions"] if cd["type"] == "Valid")
+    assert valid["status"] == "False" and "greater than limit" in valid["message"]
+    assert es["status"]["clusterIP"], "the last good gateway's address is still reported"
+
+
+def test_invalid_new_object_creates_nothing(
+    admin: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    create_es(
+        admin,
+        external_service(
+            es_name, resources={"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}
+        ),
+    )
+    assert reconciler.reconcile(es_name).outcome == Outcome.INVALID
+    assert children(admin, es_name) == {}
+
+
+def test_every_hijack_transition_follows_live_readiness(
+    admin: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    def label() -> str:
+        service = admin.get(SERVICE, es_name, GATEWAY_NS)
+        assert service is not None
+        return str(service["metadata"]["labels"][c.LABEL_HIJACK_DNS])
+
+    create_es(admin, external_service(es_name, hijackDns=False))
+    reconciler.reconcile(es_name)
+    assert label() == "false"
+    update_spec(admin, es_name, {"hijackDns": True})
+    reconciler.reconcile(es_name)
+    assert label() == "waiting-for-pods"  # false -> waiting (not ready)
+    reconciler.reconcile(es_name)
+    assert label() == "waiting-for-pods"  # waiting stays waiting while not ready
+    set_pods_ready(admin, es_name, True)
+    reconciler.reconcile(es_name)
+    assert label() == "true"  # waiting -> true once ready
+    set_pods_ready(admin, es_name, False)
+    reconciler.reconcile(es_name)
+    assert label() == "true"  # a readiness blip does not flap DNS
+    update_spec(admin, es_name, {"hijackDns": False})
+    reconciler.reconcile(es_name)
+    assert label() == "false"  # true -> false when switched off
+    update_spec(admin, es_name, {"hijackDns": True})
+    reconciler.reconcile(es_name)
+    assert label() == "waiting-for-pods"  # false -> waiting while still unready
+    set_pods_ready(admin, es_name, True)
+    reconciler.reconcile(es_name)
+    assert label() == "true"
+    es = admin.get(EXTERNAL_SERVICE, es_name)
+    assert es is not None
+    assert es["status"]["readyReplicas"] >= 1
+    assert {cd["type"]: cd["status"] for cd in es["status"]["conditions"]} == {
+        "Valid": "True",
+        "Ready": "True",
+        "DnsHijacked": "True",
+    }
+
+
+def test_concurrent_reconciles_of_one_object_both_succeed(
+    admin: Kube, dev_stack: DevStack, es_name: str
+) -> None:
+    create_es(admin, external_service(es_name, ports=[{"port": 443}, {"port": 80}]))
+    errors: list[BaseException] = []
+    results: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def run() -> None:
+        kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
+        try:
+            barrier.wait()
+            results.append(Reconciler(kube, Settings()).reconcile(es_name).outcome)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(results) == 4
+    final = Reconciler(
+        Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler"))),
+        Settings(),
+    )
+    assert final.reconcile(es_name).outcome == Outcome.IN_SYNC
+    assert set(children(admin, es_name)) == KINDS
+
+
+def test_reconciler_identity_is_least_privilege(as_reconciler: Kube) -> None:
+    """Everything above ran as this identity; here it is refused what it does not need."""
+    probe = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "probe", "namespace": "default"},
+    }
+    with pytest.raises(PermanentError, match="403"):
+        as_reconciler.apply(probe)
+    with pytest.raises(PermanentError, match="403"):
+        as_reconciler.list_all(Resource("v1", "Secret", "secrets"), GATEWAY_NS)
+    with pytest.raises(PermanentError, match="403"):
+        as_reconciler.request("POST", EXTERNAL_SERVICE.path(), body=external_service("nope"))
+
+
+@pytest.fixture
+def proxy(dev_stack: DevStack) -> Iterator[FaultProxy]:
+    p = FaultProxy.from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler"))
+    p.start()
+    yield p
+    p.stop()
+
+
+def _kube_via(proxy: FaultProxy, slept: list[float] | None = None) -> Kube:
+    from kubernetes import client
+
+    configuration = client.Configuration()
+    configuration.host = proxy.url
+    record = slept if slept is not None else []
+    return Kube(
+        client.ApiClient(configuration),
+        retry=RetryPolicy(attempts=5, base_delay_s=0.05),
+        sleep=record.append,
+    )
+
+
+FAULTS: list[Callable[[str], list[Fault]]] = [
+    lambda n: [Fault("PATCH", f"/deployments/{n}", 409, times=2)],
+    lambda n: [Fault("PATCH", f"/services/{n}", 429, times=2, retry_after="1")],
+    lambda n: [Fault("GET", f"/externalservices/{n}", 500, times=3)],
+    lambda n: [
+        Fault("PATCH", f"/configmaps/{n}", None, times=2),
+        Fault("GET", "/deployments/", None, times=1),
+    ],
+]
+
+
+@pytest.mark.parametrize(
+    "faults", FAULTS, ids=["409-apply", "429-retry-after", "500-read", "dropped-connections"]
+)
+def test_converges_through_injected_faults(
+    admin: Kube, proxy: FaultProxy, es_name: str, faults: Callable[[str], list[Fault]]
+) -> None:
+    create_es(admin, external_service(es_name))
+    for fault in faults(es_name):
+        proxy.inject(fault)
+    slept: list[float] = []
+    result = Reconciler(_kube_via(proxy, slept), Settings()).reconcile(es_name)
+    assert proxy.injected, "the faults must actually have been hit"
+    assert result.outcome == Outcome.CONVERGED
+    assert set(children(admin, es_name)) == KINDS
+    if any(f.retry_after for f in faults(es_name)):
+        assert 1.0 in slept, "Retry-After must be honoured"
+
+
+def test_persistent_failure_raises_transient_for_redelivery(
+    admin: Kube, proxy: FaultProxy, es_name: str
+) -> None:
+    from reconcile.errors import TransientError
+
+    create_es(admin, external_service(es_name))
+    proxy.inject(Fault("GET", f"/externalservices/{es_name}", 503, times=100))
+    with pytest.raises(TransientError):
+        Reconciler(_kube_via(proxy), Settings()).reconcile(es_name)
