@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any
 
+from reconcile.app import build_reconciler
 from reconcile.controller import Change, Outcome, Reconciler, Result, SweepReport
 from reconcile.errors import PermanentError, TransientError
 from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
@@ -59,7 +60,7 @@ def register(subparsers: Any) -> None:
 def _reconciler(args: argparse.Namespace, dry_run: bool) -> Reconciler:
     settings = Settings.from_env(os.environ)
     kube = Kube(api_client_from_kubeconfig(args.kubeconfig, args.context), dry_run=dry_run)
-    return Reconciler(kube, settings)
+    return build_reconciler(kube, settings)
 
 
 def _run(args: argparse.Namespace, dry_run: bool, plan: bool) -> int:

@@ -69,7 +69,9 @@ class Layout:
 
     @property
     def dev(self) -> Path:
-        return self.repo / ".cache" / "dev"
+        # EGRESS_DEV_DIR lets a second, independent stack run beside the default one.
+        override = os.environ.get("EGRESS_DEV_DIR")
+        return Path(override) if override else self.repo / ".cache" / "dev"
 
     @property
     def state_file(self) -> Path:

@@ -1,0 +1,15 @@
+"""Wiring: the one place that assembles a Reconciler from a client and settings.
+
+Entry points (the Cloud Functions, ``egressctl``, the benchmarks) call ``build_reconciler`` so that
+they all run the same reconciler, including its cluster-DNS delivery.
+"""
+
+from __future__ import annotations
+
+from reconcile.controller import Clock, Reconciler, utcnow
+from reconcile.kube import Kube
+from reconcile.settings import Settings
+
+
+def build_reconciler(kube: Kube, settings: Settings, *, clock: Clock = utcnow) -> Reconciler:
+    return Reconciler(kube, settings, clock=clock)
