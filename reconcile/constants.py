@@ -26,6 +26,9 @@ ANNOTATION_DNS_NAME = f"{GROUP}/dns-name"
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
 ANNOTATION_ADMIN_PORT = f"{GROUP}/admin-port"
 ANNOTATION_TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
+# On the gateway Service: creationTimestamp of its ExternalService; the oldest claim on a
+# dnsName wins the DNS hijack.
+ANNOTATION_CLAIMED_AT = f"{GROUP}/dns-claimed-at"
 # Hash of the object as we last applied it; see reconcile.drift.
 ANNOTATION_APPLIED_HASH = f"{GROUP}/applied-hash"
 # On a deleted ExternalService: when its gateway may go (DNS has had time to forget it).

@@ -18,6 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from dns.delivery import DnsDelivery, DnsReport, claims_from_services
+from dns.render import Claim, Rendered
+from dns.render import render as render_dns
 from reconcile import constants as c
 from reconcile.drift import FieldDiff, diff, with_applied_hash
 from reconcile.errors import PermanentError
@@ -27,6 +30,7 @@ from reconcile.kube import (
     DEPLOYMENT,
     EXTERNAL_SERVICE,
     GATEWAY_KINDS,
+    PDB,
     SERVICE,
     Kube,
     Obj,
@@ -36,7 +40,6 @@ from reconcile.settings import Settings
 from reconcile.spec import ExternalService, InvalidExternalService, parse_external_service
 
 Clock = Callable[[], dt.datetime]
-DnsSync = Callable[[Kube], Any]
 
 
 def utcnow() -> dt.datetime:
@@ -111,6 +114,7 @@ class SweepReport:
     results: list[Result] = field(default_factory=list)
     pruned: list[Change] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
+    dns: DnsReport | None = None
 
     @property
     def drift(self) -> list[Change]:
@@ -128,6 +132,7 @@ class SweepReport:
                 r.to_dict() for r in self.results if r.changes or r.outcome != Outcome.IN_SYNC
             ],
             "errors": self.errors,
+            "dns": self.dns.to_dict() if self.dns is not None else None,
         }
 
 
@@ -151,12 +156,12 @@ class Reconciler:
         settings: Settings,
         *,
         clock: Clock = utcnow,
-        dns_sync: DnsSync | None = None,
+        dns: DnsDelivery | None = None,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.clock = clock
-        self.dns_sync = dns_sync
+        self.dns = dns
 
     # -- observation -----------------------------------------------------------------------
 
@@ -176,7 +181,14 @@ class Reconciler:
 
     # -- one ExternalService ---------------------------------------------------------------
 
-    def reconcile(self, name: str, observed: Observed | None = None) -> Result:
+    def reconcile(
+        self, name: str, observed: Observed | None = None, dns_verdicts: Rendered | None = None
+    ) -> Result:
+        """Converge one ExternalService.
+
+        ``observed`` and ``dns_verdicts`` come from a sweep, which has listed everything and
+        delivers DNS once at its end; a single reconcile reads and delivers for itself.
+        """
         obs = observed if observed is not None else self.observe(name)
         es_obj = obs.external_service
         if es_obj is None:
@@ -195,9 +207,28 @@ class Reconciler:
             )
             self._write_status(es_obj, self._conflict_status(es_obj, message))
             return Result(name, Outcome.CONFLICT, message=message)
-        return self._converge(es, es_obj, obs)
+        return self._converge(es, es_obj, obs, dns_verdicts)
 
-    def _converge(self, es: ExternalService, es_obj: Obj, obs: Observed) -> Result:
+    def _hijack_state(
+        self, es: ExternalService, obs: Observed
+    ) -> tuple[HijackState | None, HijackState, int]:
+        """(previous, next) hijack state and the ready replicas, from live objects."""
+        live_service = obs.children.get(SERVICE.kind)
+        previous = HijackState.parse(
+            ((live_service or {}).get("metadata") or {}).get("labels", {}).get(c.LABEL_HIJACK_DNS)
+            if live_service
+            else None
+        )
+        ready_replicas = _ready_replicas(obs.children.get(DEPLOYMENT.kind))
+        return (
+            previous,
+            next_hijack_state(es.spec.hijack_dns, ready_replicas >= 1, previous),
+            ready_replicas,
+        )
+
+    def _converge(
+        self, es: ExternalService, es_obj: Obj, obs: Observed, dns_verdicts: Rendered | None
+    ) -> Result:
         changes: list[Change] = []
         if c.FINALIZER not in (es_obj["metadata"].get("finalizers") or []):
             self.kube.apply(
@@ -208,13 +239,7 @@ class Reconciler:
                 }
             )
         live_service = obs.children.get(SERVICE.kind)
-        previous = HijackState.parse(
-            (live_service or {}).get("metadata", {}).get("labels", {}).get(c.LABEL_HIJACK_DNS)
-            if live_service
-            else None
-        )
-        ready_replicas = _ready_replicas(obs.children.get(DEPLOYMENT.kind))
-        state = next_hijack_state(es.spec.hijack_dns, ready_replicas >= 1, previous)
+        previous, state, ready_replicas = self._hijack_state(es, obs)
         desired = [with_applied_hash(obj) for obj in render(es, self.settings, state)]
         applied_service = live_service
         for obj in desired:
@@ -239,10 +264,13 @@ class Reconciler:
         for kind, live in obs.children.items():
             if kind not in desired_kinds:
                 changes.append(self._delete_child(BY_KIND[kind].kind, live))
-        if self.dns_sync is not None and (previous is not state or live_service is None):
-            self.dns_sync(self.kube)
+        refusal: tuple[str, str] | None = None
+        if dns_verdicts is not None:
+            refusal = dns_verdicts.refused.get(es.name)
+        elif self.dns is not None and (es.spec.hijack_dns or previous is HijackState.TRUE):
+            refusal = self.dns.sync(self.kube).refusal(es.name)
         cluster_ip = ((applied_service or {}).get("spec") or {}).get("clusterIP")
-        status = self._ready_status(es_obj, state, ready_replicas, cluster_ip)
+        status = self._ready_status(es_obj, state, ready_replicas, cluster_ip, refusal)
         self._write_status(es_obj, status)
         outcome = Outcome.CONVERGED if changes else Outcome.IN_SYNC
         return Result(es.name, outcome, changes, hijack_state=state.value)
@@ -305,8 +333,8 @@ class Reconciler:
                 self.settings.gateway_namespace,
             )
             changes.append(Change("update", SERVICE.kind, name, self.settings.gateway_namespace))
-            if self.dns_sync is not None:
-                self.dns_sync(self.kube)
+            if self.dns is not None:
+                self.dns.sync(self.kube)
         now = self.clock()
         deadline = _parse_timestamp(
             (meta.get("annotations") or {}).get(c.ANNOTATION_DELETE_AFTER, "")
@@ -376,13 +404,20 @@ class Reconciler:
         return out
 
     def _ready_status(
-        self, es_obj: Obj, state: HijackState, ready: int, cluster_ip: str | None
+        self,
+        es_obj: Obj,
+        state: HijackState,
+        ready: int,
+        cluster_ip: str | None,
+        refusal: tuple[str, str] | None,
     ) -> Obj:
         if ready >= 1:
             ready_cond = ("Ready", "True", "GatewayReady", f"{ready} gateway pod(s) ready")
         else:
             ready_cond = ("Ready", "False", "WaitingForPods", "no gateway pod is ready yet")
-        if state is HijackState.TRUE:
+        if state is HijackState.TRUE and refusal is not None:
+            dns_cond = ("DnsHijacked", "False", refusal[0], refusal[1])
+        elif state is HijackState.TRUE:
             dns_cond = (
                 "DnsHijacked",
                 "True",
@@ -448,12 +483,13 @@ class Reconciler:
                     orphans.append(item)
                 elif item["metadata"]["name"] == gateway:
                     target.children[resource.kind] = item
-        # Foreign objects holding a gateway's name are not listed by label; a gateway whose
-        # children are missing gets a GET per missing kind only when it is applied (conflict).
+        verdicts = self._predict_dns(by_name) if self.dns is not None else None
         report = SweepReport()
 
         def one(name: str) -> Result:
-            return self.reconcile(name, by_name[name])
+            observed = by_name[name]
+            self._find_foreign(name, observed)
+            return self.reconcile(name, observed, verdicts)
 
         with ThreadPoolExecutor(max_workers=self.settings.sweep_concurrency) as pool:
             futures = {name: pool.submit(one, name) for name in sorted(by_name)}
@@ -467,7 +503,47 @@ class Reconciler:
             if meta.get("ownerReferences") and meta["labels"].get(c.LABEL_GATEWAY) in by_name:
                 continue
             report.pruned.append(self._delete_child(item["kind"], item))
+        if self.dns is not None:
+            report.dns = self.dns.sync(self.kube)
         return report
+
+    def _find_foreign(self, name: str, observed: Observed) -> None:
+        """GET the kinds a gateway lacks: an object there without our labels is not ours.
+
+        Listing is by label, so a foreign object holding a gateway's name is invisible to it;
+        in-sync gateways have every kind and cost nothing here.
+        """
+        if observed.external_service is None or observed.external_service["metadata"].get(
+            "deletionTimestamp"
+        ):
+            return
+        for resource in GATEWAY_KINDS:
+            if resource.kind in observed.children or (
+                resource.kind == PDB.kind and not self.settings.enable_pdb
+            ):
+                continue
+            live = self.kube.get(resource, name, self.settings.gateway_namespace)
+            if live is not None and not _ours(live, name):
+                observed.foreign[resource.kind] = live
+
+    def _predict_dns(self, by_name: dict[str, Observed]) -> Rendered:
+        """Which gateways will hold their DNS claim once this sweep has converged them."""
+        claims: list[Claim] = []
+        for name, obs in by_name.items():
+            es_obj = obs.external_service
+            if es_obj is None or es_obj["metadata"].get("deletionTimestamp"):
+                continue
+            try:
+                es = parse_external_service(es_obj)
+            except InvalidExternalService:
+                # Left untouched: its live Service keeps whatever claim it had.
+                service = obs.children.get(SERVICE.kind)
+                claims.extend(claims_from_services([service] if service else []))
+                continue
+            _, state, _ = self._hijack_state(es, obs)
+            if state is HijackState.TRUE:
+                claims.append(Claim(es.creation_timestamp, name, es.spec.dns_name))
+        return render_dns(claims, self.settings.gateway_namespace, self.settings.cluster_domain)
 
 
 def _ready_replicas(deployment: Obj | None) -> int:

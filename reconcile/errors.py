@@ -22,7 +22,11 @@ MAX_RETRY_AFTER_S = 10.0
 
 
 class ReconcileError(Exception):
-    """Base of the errors the handlers map to an outcome."""
+    """Base of the errors the handlers map to an outcome; ``status`` is the HTTP status if any."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class TransientError(ReconcileError):
@@ -98,7 +102,7 @@ def with_retries(
         except Exception as exc:
             failure = classify(exc)
             if not failure.transient or failure.status in final_statuses:
-                raise PermanentError(failure.message) from exc
+                raise PermanentError(failure.message, failure.status) from exc
             if attempt == policy.attempts:
                 raise TransientError(
                     f"gave up after {attempt} attempts: {failure.message}"

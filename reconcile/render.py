@@ -175,6 +175,8 @@ def horizontal_pod_autoscaler(es: ExternalService, settings: Settings) -> Obj:
 
 def service(es: ExternalService, settings: Settings, hijack_state: HijackState) -> Obj:
     meta = _metadata(es, settings, {c.LABEL_HIJACK_DNS: hijack_state.value})
+    if es.creation_timestamp:
+        meta["annotations"][c.ANNOTATION_CLAIMED_AT] = es.creation_timestamp
     if settings.service_topology_mode:
         meta["annotations"][c.ANNOTATION_TOPOLOGY_MODE] = es.spec.service_topology_mode or "Auto"
     obj = _head(SERVICE, meta)

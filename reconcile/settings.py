@@ -19,6 +19,9 @@ DEFAULT_HOSTNAME_KEY = "kubernetes.io/hostname"
 # Covers the kubelet's ConfigMap sync (~60 s), CoreDNS reload (~30 s) and cached answers.
 DEFAULT_DELETE_GRACE_S = 180
 DEFAULT_SWEEP_CONCURRENCY = 4
+DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"
+# Where the cluster's CoreDNS mounts DEFAULT_DNS_CONFIGMAP (see README, "Cluster DNS").
+DEFAULT_IMPORT_PATH = "/etc/coredns/egress-gateways/*.override"
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off", ""}
@@ -54,6 +57,12 @@ class Settings:
     service_topology_mode: bool = False
     enable_pdb: bool = False
     delete_grace_s: int = DEFAULT_DELETE_GRACE_S
+    dns_configmap_namespace: str = "kube-system"
+    dns_configmap_name: str = DEFAULT_DNS_CONFIGMAP
+    coredns_configmap_name: str = "coredns"
+    corefile_key: str = "Corefile"
+    manage_coredns_import: bool = False
+    coredns_import_path: str = DEFAULT_IMPORT_PATH
     sweep_concurrency: int = DEFAULT_SWEEP_CONCURRENCY
 
     @classmethod
@@ -114,6 +123,22 @@ class Settings:
         if len(domain) > 253 or not _DNS1123_SUBDOMAIN.match(domain):
             errors.append(f"CLUSTER_DOMAIN: {domain!r} is not a valid DNS domain")
 
+        def object_name(name: str, default: str) -> str:
+            value = get(name, default) or default
+            if len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
+                errors.append(f"{name}: {value!r} is not a valid object name")
+            return value
+
+        dns_ns = object_name("DNS_CONFIGMAP_NAMESPACE", "kube-system")
+        if len(dns_ns) > 63 or not _DNS1123_LABEL.match(dns_ns):
+            errors.append(f"DNS_CONFIGMAP_NAMESPACE: {dns_ns!r} is not a valid namespace name")
+        import_path = get("COREDNS_IMPORT_PATH", DEFAULT_IMPORT_PATH) or DEFAULT_IMPORT_PATH
+        if not import_path.startswith("/") or any(ch.isspace() for ch in import_path):
+            errors.append(
+                f"COREDNS_IMPORT_PATH: {import_path!r} must be an absolute path without spaces"
+            )
+        corefile_key = get("COREFILE_KEY", "Corefile") or "Corefile"
+
         tol_key = label_key("TAINT_TOLERATION_KEY")
         tol_value = label_value("TAINT_TOLERATION_VALUE")
         if tol_value and not tol_key:
@@ -156,6 +181,12 @@ class Settings:
             enable_pdb=flag("ENABLE_PDB"),
             delete_grace_s=whole_number("DELETE_GRACE_SECONDS", DEFAULT_DELETE_GRACE_S, 0),
             sweep_concurrency=whole_number("SWEEP_CONCURRENCY", DEFAULT_SWEEP_CONCURRENCY, 1),
+            dns_configmap_namespace=dns_ns,
+            dns_configmap_name=object_name("DNS_CONFIGMAP_NAME", DEFAULT_DNS_CONFIGMAP),
+            coredns_configmap_name=object_name("COREDNS_CONFIGMAP_NAME", "coredns"),
+            corefile_key=corefile_key,
+            manage_coredns_import=flag("MANAGE_COREDNS_IMPORT"),
+            coredns_import_path=import_path,
         )
         if errors:
             raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))

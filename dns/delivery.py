@@ -1,0 +1,211 @@
+"""Deliver the rewrite rules to CoreDNS without ever losing one or damaging the Corefile.
+
+Rules live in our own ConfigMap (no ownerReference: it is shared by every gateway), which the
+cluster's CoreDNS mounts and imports. Each sync re-renders from the *full* live state and writes
+with a resourceVersion precondition, reading the ConfigMap *before* listing the Services: any
+write that lands between our read and our write makes ours fail with 409, and we start over
+from fresh state. So concurrent reconciles never lose each other's rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dns import corefile
+from dns.render import Claim, Rendered, render
+from reconcile import constants as c
+from reconcile.errors import PermanentError, TransientError
+from reconcile.hijack import HijackState
+from reconcile.kube import CONFIGMAP, SERVICE, Kube, Obj
+from reconcile.settings import Settings
+
+MAX_ATTEMPTS = 8
+
+
+@dataclass
+class DnsReport:
+    rendered: Rendered
+    written: bool = False
+    drift: list[str] = field(default_factory=list)
+    corefile_problem: str = ""
+
+    def refusal(self, name: str) -> tuple[str, str] | None:
+        return self.rendered.refused.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "rules": len(self.rendered.rules),
+            "written": self.written,
+            "refused": {
+                k: {"reason": r, "message": m}
+                for k, (r, m) in sorted(self.rendered.refused.items())
+            },
+            "drift": self.drift,
+            "corefile": self.corefile_problem or "ok",
+        }
+
+
+def claims_from_services(services: list[Obj]) -> list[Claim]:
+    """Claims of every gateway Service whose hijack state is ``true``."""
+    out = []
+    for svc in services:
+        meta = svc.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(c.LABEL_HIJACK_DNS) != HijackState.TRUE.value or not labels.get(
+            c.LABEL_GATEWAY
+        ):
+            continue
+        annotations = meta.get("annotations") or {}
+        dns_name = annotations.get(c.ANNOTATION_DNS_NAME)
+        if not dns_name:
+            continue
+        claimed_at = annotations.get(c.ANNOTATION_CLAIMED_AT) or meta.get("creationTimestamp") or ""
+        out.append(Claim(claimed_at=claimed_at, name=meta["name"], dns_name=dns_name))
+    return out
+
+
+class DnsDelivery:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _services(self, kube: Kube) -> list[Obj]:
+        items, _ = kube.list_all(
+            SERVICE,
+            self.settings.gateway_namespace,
+            label_selector=f"{c.LABEL_HIJACK_DNS}={HijackState.TRUE.value}",
+        )
+        return items
+
+    def preview(self, services: list[Obj]) -> Rendered:
+        """What the rules would be for these Services (no I/O)."""
+        return render(
+            claims_from_services(services),
+            self.settings.gateway_namespace,
+            self.settings.cluster_domain,
+        )
+
+    def sync(self, kube: Kube) -> DnsReport:
+        """Converge our DNS ConfigMap (and, if allowed, the Corefile import) to live state."""
+        s = self.settings
+        for _ in range(MAX_ATTEMPTS):
+            live = kube.get(CONFIGMAP, s.dns_configmap_name, s.dns_configmap_namespace)
+            rendered = self.preview(self._services(kube))
+            report = DnsReport(rendered)
+            live_data = (live or {}).get("data") or {}
+            if live is not None and live_data == rendered.data:
+                self._check_corefile(kube, report, rendered)
+                return report
+            if live is not None:
+                report.drift.append(_describe_drift(live_data, rendered.data))
+            body: dict[str, Any] = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": s.dns_configmap_name,
+                    "namespace": s.dns_configmap_namespace,
+                    "labels": {c.LABEL_APP: c.APP_VALUE},
+                },
+                "data": rendered.data,
+            }
+            try:
+                if live is None:
+                    kube.request(
+                        "POST",
+                        CONFIGMAP.path(s.dns_configmap_namespace),
+                        body=body,
+                        final_statuses=frozenset({409}),
+                    )
+                else:
+                    body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+                    body["metadata"]["labels"] = {
+                        **(live["metadata"].get("labels") or {}),
+                        c.LABEL_APP: c.APP_VALUE,
+                    }
+                    kube.request(
+                        "PUT",
+                        CONFIGMAP.path(s.dns_configmap_namespace, s.dns_configmap_name),
+                        body=body,
+                        final_statuses=frozenset({409}),
+                    )
+            except PermanentError as exc:
+                if exc.status == 409:
+                    continue  # someone wrote in between: start over from fresh state
+                raise
+            report.written = True
+            self._check_corefile(kube, report, rendered)
+            return report
+        raise TransientError(f"DNS ConfigMap kept changing under us ({MAX_ATTEMPTS} attempts)")
+
+    def _check_corefile(self, kube: Kube, report: DnsReport, rendered: Rendered) -> None:
+        """Make sure CoreDNS imports our rules; add the line once if allowed, else report it."""
+        s = self.settings
+        if not rendered.rules and not s.manage_coredns_import:
+            return
+        for _ in range(MAX_ATTEMPTS):
+            cm = kube.get(CONFIGMAP, s.coredns_configmap_name, s.dns_configmap_namespace)
+            text = ((cm or {}).get("data") or {}).get(s.corefile_key)
+            if cm is None or text is None:
+                report.corefile_problem = (
+                    f"ConfigMap {s.dns_configmap_namespace}/{s.coredns_configmap_name} has no key "
+                    f"{s.corefile_key}: cannot check that CoreDNS imports the rules"
+                )
+                return
+            import_line = f"import {s.coredns_import_path}"
+            state = corefile.check(text, import_line, s.cluster_domain)
+            if state.ok:
+                return
+            missing = " and ".join(
+                what
+                for what, present in ((import_line, state.has_import), ("reload", state.has_reload))
+                if not present
+            )
+            if not s.manage_coredns_import:
+                report.corefile_problem = (
+                    f"the Corefile lacks {missing} (MANAGE_COREDNS_IMPORT is off)"
+                )
+                return
+            try:
+                updated = corefile.ensure_import(text, import_line, s.cluster_domain)
+            except ValueError as exc:
+                report.corefile_problem = str(exc)
+                return
+            # PUT the whole live object (resourceVersion included) so nothing else changes.
+            cm["data"][s.corefile_key] = updated
+            try:
+                kube.request(
+                    "PUT",
+                    CONFIGMAP.path(s.dns_configmap_namespace, s.coredns_configmap_name),
+                    body=cm,
+                    final_statuses=frozenset({409}),
+                )
+            except PermanentError as exc:
+                if exc.status == 409:
+                    continue
+                raise
+            report.drift.append(f"Corefile: added {missing}")
+            return
+        raise TransientError("the CoreDNS ConfigMap kept changing under us")
+
+
+def _describe_drift(live: dict[str, str], desired: dict[str, str]) -> str:
+    live_lines = {
+        line
+        for text in live.values()
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    want = {
+        line
+        for text in desired.values()
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
+    parts = []
+    if want - live_lines:
+        parts.append(f"{len(want - live_lines)} rule(s) added")
+    if live_lines - want:
+        parts.append(f"{len(live_lines - want)} rule(s) removed")
+    if not parts:
+        parts.append("keys rewritten")
+    return "DNS ConfigMap: " + ", ".join(parts)

@@ -1,0 +1,293 @@
+"""Cluster DNS with the real CoreDNS of the local stack: rules reach answers, and only ours."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dnslib import QTYPE, DNSRecord
+
+from dns.delivery import DnsDelivery
+from reconcile.app import build_reconciler
+from reconcile.controller import Outcome, Reconciler
+from reconcile.kube import CONFIGMAP, EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
+from reconcile.settings import Settings
+from tests.conftest import DevStack
+from tests.integration.helpers import (
+    GATEWAY_NS,
+    create_es,
+    eventually,
+    external_service,
+    purge,
+    set_pods_ready,
+)
+
+pytestmark = pytest.mark.cluster
+
+DNS_CM = "egress-gateway-dns"
+# Propagation here: configsync (~1 s) + CoreDNS reload (2 s) + cache (5 s).
+DNS_DEADLINE_S = 30
+
+
+@pytest.fixture(scope="module")
+def admin(dev_stack: DevStack) -> Kube:
+    return Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
+
+
+@pytest.fixture(scope="module")
+def as_reconciler(dev_stack: DevStack) -> Kube:
+    return Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
+
+
+@pytest.fixture(scope="module")
+def settings(dev_stack: DevStack) -> Settings:
+    return Settings(
+        delete_grace_s=0, coredns_import_path=f"{dev_stack.env['COREDNS_IMPORT_DIR']}/*.override"
+    )
+
+
+@pytest.fixture
+def reconciler(as_reconciler: Kube, settings: Settings) -> Reconciler:
+    return build_reconciler(as_reconciler, settings)
+
+
+@pytest.fixture
+def names(admin: Kube, reconciler: Reconciler, unique: str) -> Iterator[list[str]]:
+    created: list[str] = []
+    yield created
+    for name in created:
+        purge(admin, name)
+    assert reconciler.dns is not None
+    reconciler.dns.sync(reconciler.kube)
+
+
+def query(stack: DevStack, name: str, qtype: str = "A") -> DNSRecord:
+    host, port = stack.coredns_addr.rsplit(":", 1)
+    packet = DNSRecord.question(name, qtype).send(host, int(port), timeout=2)
+    return DNSRecord.parse(packet)
+
+
+def a_records(stack: DevStack, name: str) -> list[tuple[str, str]]:
+    reply = query(stack, name)
+    return [(str(rr.rname).rstrip("."), str(rr.rdata)) for rr in reply.rr if rr.rtype == QTYPE.A]
+
+
+def hijacked_gateway(
+    admin: Kube, reconciler: Reconciler, names: list[str], name: str, dns_name: str
+) -> str:
+    names.append(name)
+    create_es(admin, external_service(name, dnsName=dns_name, hijackDns=True))
+    reconciler.reconcile(name)
+    set_pods_ready(admin, name, True)
+    result = reconciler.reconcile(name)
+    assert result.hijack_state == "true"
+    service = admin.get(SERVICE, name, GATEWAY_NS)
+    assert service is not None
+    return str(service["spec"]["clusterIP"])
+
+
+def test_hijacked_name_answers_the_gateway_and_keeps_its_name(
+    admin: Kube, reconciler: Reconciler, dev_stack: DevStack, names: list[str], unique: str
+) -> None:
+    dns_name = f"api-{unique}.example.com"
+    assert a_records(dev_stack, dns_name) == [], (
+        "before the rule, the offline upstream has no answer"
+    )
+    create_es(admin, external_service(f"gw-{unique}", dnsName=dns_name, hijackDns=True))
+    names.append(f"gw-{unique}")
+    reconciler.reconcile(f"gw-{unique}")
+    cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert dns_name not in str((cm or {}).get("data")), "no rule while waiting for pods"
+    set_pods_ready(admin, f"gw-{unique}", True)
+    reconciler.reconcile(f"gw-{unique}")
+    service = admin.get(SERVICE, f"gw-{unique}", GATEWAY_NS)
+    assert service is not None
+    ip = service["spec"]["clusterIP"]
+    eventually(
+        lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)],
+        DNS_DEADLINE_S,
+        f"{dns_name} -> {ip}",
+    )
+    es = admin.get(EXTERNAL_SERVICE, f"gw-{unique}")
+    assert es is not None
+    cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
+    assert cond["status"] == "True"
+
+
+def test_names_we_do_not_manage_are_forwarded_untouched(dev_stack: DevStack) -> None:
+    assert a_records(dev_stack, "api.example.com") == [("api.example.com", "192.0.2.10")]
+    reply = query(dev_stack, "kubernetes.default.svc.cluster.local")
+    assert [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A], "cluster names still resolve"
+
+
+def test_delete_removes_the_rewrite(
+    admin: Kube, reconciler: Reconciler, dev_stack: DevStack, names: list[str], unique: str
+) -> None:
+    dns_name = f"del-{unique}.example.com"
+    ip = hijacked_gateway(admin, reconciler, names, f"del-{unique}", dns_name)
+    eventually(
+        lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)], DNS_DEADLINE_S, "the rewrite"
+    )
+    admin.delete(EXTERNAL_SERVICE, f"del-{unique}")
+    first = reconciler.reconcile(f"del-{unique}")
+    assert first.outcome in (Outcome.DELETING, Outcome.DELETED)
+    cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert dns_name not in str((cm or {}).get("data")), "the rule goes first"
+    eventually(
+        lambda: a_records(dev_stack, dns_name) == [], DNS_DEADLINE_S, "the rewrite to disappear"
+    )
+
+
+def test_cluster_internal_name_is_refused_with_a_condition(
+    admin: Kube, reconciler: Reconciler, dev_stack: DevStack, names: list[str], unique: str
+) -> None:
+    hijacked_gateway(
+        admin, reconciler, names, f"int-{unique}", "kubernetes.default.svc.cluster.local"
+    )
+    es = admin.get(EXTERNAL_SERVICE, f"int-{unique}")
+    assert es is not None
+    cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
+    assert (cond["status"], cond["reason"]) == ("False", "ForbiddenDnsName")
+    assert "cluster domain" in cond["message"]
+    cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert "kubernetes.default" not in str((cm or {}).get("data"))
+    reply = query(dev_stack, "kubernetes.default.svc.cluster.local")
+    assert [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A] == ["10.96.0.1"]
+
+
+def test_duplicate_claim_goes_to_the_older_and_the_newer_is_told_why(
+    admin: Kube, reconciler: Reconciler, dev_stack: DevStack, names: list[str], unique: str
+) -> None:
+    dns_name = f"dup-{unique}.example.com"
+    first_ip = hijacked_gateway(admin, reconciler, names, f"first-{unique}", dns_name)
+    hijacked_gateway(admin, reconciler, names, f"second-{unique}", dns_name)
+    es = admin.get(EXTERNAL_SERVICE, f"second-{unique}")
+    assert es is not None
+    cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
+    assert (cond["status"], cond["reason"]) == ("False", "DuplicateDnsName")
+    assert f"first-{unique}" in cond["message"]
+    eventually(
+        lambda: a_records(dev_stack, dns_name) == [(dns_name, first_ip)],
+        DNS_DEADLINE_S,
+        "oldest wins",
+    )
+
+
+def test_twenty_concurrent_writers_lose_no_rule(
+    admin: Kube, dev_stack: DevStack, settings: Settings, names: list[str], unique: str
+) -> None:
+    count = 20
+    gateways = [f"par{i:02d}-{unique}" for i in range(count)]
+    for name in gateways:
+        names.append(name)
+        create_es(admin, external_service(name, dnsName=f"{name}.example.com", hijackDns=True))
+        # Services exist and pods are ready before the race, so every writer must add a rule.
+        build_reconciler(admin, dataclasses.replace(settings)).reconcile(name)
+        set_pods_ready(admin, name, True)
+
+    def run(name: str) -> str:
+        kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
+        return build_reconciler(kube, settings).reconcile(name).outcome
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=count) as pool:
+        outcomes = list(pool.map(run, gateways))
+    assert len(outcomes) == count
+    cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert cm is not None
+    text = "".join(cm["data"].values())
+    missing = [g for g in gateways if f"rewrite stop name exact {g}.example.com " not in text]
+    assert missing == []
+
+
+def test_sweep_repairs_hand_edits_of_the_dns_configmap(
+    admin: Kube, reconciler: Reconciler, dev_stack: DevStack, names: list[str], unique: str
+) -> None:
+    dns_name = f"edit-{unique}.example.com"
+    hijacked_gateway(admin, reconciler, names, f"edit-{unique}", dns_name)
+    cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert cm is not None
+    tampered = {k: v.replace(dns_name, f"evil-{unique}.example.com") for k, v in cm["data"].items()}
+    admin.merge_patch(CONFIGMAP, DNS_CM, {"data": tampered}, "kube-system")
+    report = reconciler.sweep()
+    assert report.dns is not None and report.dns.written
+    assert any("DNS ConfigMap" in d for d in report.dns.drift)
+    repaired = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert repaired is not None
+    assert dns_name in "".join(repaired["data"].values())
+    assert f"evil-{unique}" not in "".join(repaired["data"].values())
+
+
+@pytest.fixture
+def corefile(admin: Kube) -> Iterator[dict[str, Any]]:
+    """The stack's Corefile ConfigMap, restored after the test."""
+    cm = admin.get(CONFIGMAP, "coredns", "kube-system")
+    assert cm is not None
+    original = cm["data"]["Corefile"]
+    yield cm
+    live = admin.get(CONFIGMAP, "coredns", "kube-system")
+    if live is not None and live["data"]["Corefile"] != original:
+        admin.merge_patch(CONFIGMAP, "coredns", {"data": {"Corefile": original}}, "kube-system")
+
+
+def test_removed_import_line_is_reported_and_restored_when_allowed(
+    admin: Kube,
+    as_reconciler: Kube,
+    settings: Settings,
+    dev_stack: DevStack,
+    names: list[str],
+    unique: str,
+    corefile: dict[str, Any],
+) -> None:
+    dns_name = f"imp-{unique}.example.com"
+    reconciler = build_reconciler(as_reconciler, settings)
+    ip = hijacked_gateway(admin, reconciler, names, f"imp-{unique}", dns_name)
+    original = corefile["data"]["Corefile"]
+    import_line = f"import {settings.coredns_import_path}"
+    assert import_line in original
+    stripped = original.replace(f"    {import_line}\n", "")
+    admin.merge_patch(CONFIGMAP, "coredns", {"data": {"Corefile": stripped}}, "kube-system")
+    eventually(
+        lambda: a_records(dev_stack, dns_name) == [], DNS_DEADLINE_S, "CoreDNS to drop the import"
+    )
+
+    report = reconciler.sweep()
+    assert report.dns is not None
+    assert (
+        "lacks" in report.dns.corefile_problem
+        and "MANAGE_COREDNS_IMPORT" in report.dns.corefile_problem
+    )
+    live = admin.get(CONFIGMAP, "coredns", "kube-system")
+    assert live is not None and live["data"]["Corefile"] == stripped, "not allowed: nothing written"
+
+    managing = build_reconciler(
+        as_reconciler, dataclasses.replace(settings, manage_coredns_import=True)
+    )
+    report = managing.sweep()
+    assert report.dns is not None and any("Corefile: added" in d for d in report.dns.drift)
+    live = admin.get(CONFIGMAP, "coredns", "kube-system")
+    assert live is not None
+    assert live["data"]["Corefile"].count(import_line) == 1
+    assert live["data"]["Corefile"].replace(f"    {import_line}\n", "") == stripped
+    eventually(
+        lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)],
+        DNS_DEADLINE_S,
+        "rules to come back",
+    )
+    again = managing.sweep()
+    assert again.dns is not None and not any("Corefile" in d for d in again.dns.drift)
+
+
+def test_dns_delivery_as_the_reconciler_identity_only_touches_its_configmaps(
+    as_reconciler: Kube, settings: Settings
+) -> None:
+    from reconcile.errors import PermanentError
+
+    report = DnsDelivery(settings).sync(as_reconciler)
+    assert report.corefile_problem == "" or "lacks" in report.corefile_problem
+    with pytest.raises(PermanentError, match="403"):
+        as_reconciler.merge_patch(
+            CONFIGMAP, "extension-apiserver-authentication", {"data": {"x": "y"}}, "kube-system"
+        )

@@ -1,0 +1,128 @@
+"""CoreDNS rules from claims: guards, oldest-wins, determinism, sharding and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from dns.render import (
+    HEADER,
+    KEY_PREFIX,
+    MAX_KEY_BYTES,
+    REASON_DUPLICATE,
+    REASON_FORBIDDEN,
+    Claim,
+    InvalidSnippet,
+    render,
+    validate,
+)
+
+NS = "egress-operator-system"
+DOMAIN = "cluster.local"
+
+
+def claim(name: str, dns_name: str, at: str = "2026-01-01T00:00:00Z") -> Claim:
+    return Claim(claimed_at=at, name=name, dns_name=dns_name)
+
+
+def test_one_rule_per_hijacked_name_sorted_and_deterministic() -> None:
+    claims = [
+        claim("github", "github.com"),
+        claim("google", "google.com"),
+        claim("aws", "s3.amazonaws.com"),
+    ]
+    out = render(claims, NS, DOMAIN)
+    (text,) = out.data.values()
+    assert text == HEADER + (
+        "rewrite stop name exact github.com github.egress-operator-system.svc.cluster.local\n"
+        "rewrite stop name exact google.com google.egress-operator-system.svc.cluster.local\n"
+        "rewrite stop name exact s3.amazonaws.com aws.egress-operator-system.svc.cluster.local\n"
+    )
+    assert render(list(reversed(claims)), NS, DOMAIN).data == out.data
+    assert out.granted == {
+        "github": "github.com",
+        "google": "google.com",
+        "aws": "s3.amazonaws.com",
+    }
+    assert out.refused == {}
+
+
+def test_no_claims_no_keys() -> None:
+    assert render([], NS, DOMAIN).data == {}
+
+
+@pytest.mark.parametrize(
+    "dns_name",
+    [
+        "kubernetes.default.svc.cluster.local",
+        "cluster.local",
+        "foo.svc.cluster.local",
+        "localhost",
+        "db.localhost",
+        "1.0.0.10.in-addr.arpa",
+        "intranet",
+        "Bad_Name.com",
+    ],
+)
+def test_forbidden_names_are_never_hijacked(dns_name: str) -> None:
+    out = render([claim("evil", dns_name)], NS, DOMAIN)
+    assert out.rules == []
+    assert out.refused["evil"][0] == REASON_FORBIDDEN
+
+
+def test_custom_cluster_domain_is_protected() -> None:
+    out = render([claim("a", "api.corp.internal")], NS, "corp.internal")
+    assert out.refused["a"][0] == REASON_FORBIDDEN
+    assert render([claim("a", "api.corp.internal")], NS, DOMAIN).granted == {
+        "a": "api.corp.internal"
+    }
+
+
+def test_duplicate_claim_goes_to_the_older_external_service() -> None:
+    older = claim("zz-first", "google.com", "2026-01-01T00:00:00Z")
+    newer = claim("aa-second", "google.com", "2026-02-01T00:00:00Z")
+    out = render([newer, older], NS, DOMAIN)
+    assert out.granted == {"zz-first": "google.com"}
+    reason, message = out.refused["aa-second"]
+    assert reason == REASON_DUPLICATE and "zz-first" in message
+
+
+def test_same_age_tie_is_broken_by_name() -> None:
+    out = render([claim("b", "google.com"), claim("a", "google.com")], NS, DOMAIN)
+    assert out.granted == {"a": "google.com"}
+
+
+def test_rules_are_sharded_into_keys_before_a_key_gets_too_big() -> None:
+    claims = [claim(f"gw{i:05d}", f"host{i:05d}.example.com") for i in range(3000)]
+    out = render(claims, NS, DOMAIN)
+    assert len(out.rules) == 3000
+    assert len(out.data) > 1
+    assert all(k.startswith(KEY_PREFIX) and len(v) <= MAX_KEY_BYTES for k, v in out.data.items())
+    lines = [line for v in out.data.values() for line in v.splitlines() if not line.startswith("#")]
+    assert lines == sorted(lines) and len(lines) == 3000
+
+
+def test_capacity_is_enforced_with_a_reason() -> None:
+    claims = [
+        claim(f"gw{i:05d}", f"a-rather-long-hostname-number-{i:05d}.example.com")
+        for i in range(12000)
+    ]
+    out = render(claims, NS, DOMAIN)
+    assert sum(len(v.encode()) for v in out.data.values()) < 1024 * 1024
+    assert out.refused and {r for r, _ in out.refused.values()} == {"DnsCapacityExceeded"}
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        HEADER + "forward . 8.8.8.8\n",
+        HEADER
+        + "rewrite stop name exact kubernetes.default.svc.cluster.local x.egress-operator-system.svc.cluster.local\n",
+        HEADER + "rewrite stop name exact google.com google.other-namespace.svc.cluster.local\n",
+        HEADER + "rewrite stop name exact a.com a.egress-operator-system.svc.cluster.local\n" * 2,
+        HEADER + "rewrite stop name regex .* x.egress-operator-system.svc.cluster.local\n",
+    ],
+    ids=["other-plugin", "hijacks-cluster-name", "wrong-namespace", "duplicate", "regex"],
+)
+def test_validation_refuses_anything_but_our_rules(text: str) -> None:
+    with pytest.raises(InvalidSnippet):
+        validate({f"{KEY_PREFIX}000.override": text}, NS, DOMAIN)
