@@ -77,5 +77,5 @@ def test_commented_out_import_does_not_count() -> None:
 
 
 def test_no_block_for_the_cluster_domain_is_an_error_not_a_guess() -> None:
-    with pytest.raises(ValueError, match="corp.internal"):
+    with pytest.raises(ValueError, match=r"corp\.internal"):
         ensure_import(KUBEADM, IMPORT, "corp.internal")
