@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test unit lint bench clean
+.PHONY: venv run test unit lint clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,8 +15,10 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
+# The whole product locally: control plane, exporter, Pub/Sub, functions, scheduled sweeps;
+# applies examples/, waits until converged, prints status and a DNS answer; Ctrl-C stops it.
 run: $(STAMP)
-	$(BIN)/egressctl render examples/*.yaml
+	$(BIN)/egressctl run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -28,6 +30,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# Each benchmark is its own module in bench/ printing its figures; run them all in order.
+# They start a dev stack of their own (.cache/dev-bench) and stop it afterwards.
+BENCHMARKS := $(filter-out __init__ stack,$(basename $(notdir $(wildcard bench/*.py))))
+bench: $(STAMP)
+	@set -e; for m in $(BENCHMARKS); do echo "== bench.$$m"; $(BIN)/python -m bench.$$m; done
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis
@@ -42,3 +50,4 @@ dev-down: $(STAMP)
 
 dev-status: $(STAMP)
 	$(BIN)/egressctl dev status
+

@@ -8,6 +8,7 @@ The tests parse every generated bootstrap with Envoy's own protobuf definitions.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from typing import Any
 
@@ -256,8 +257,13 @@ def bootstrap(name: str, spec: ExternalServiceSpec) -> dict[str, Any]:
     }
 
 
+@functools.lru_cache(maxsize=4096)
 def bootstrap_yaml(name: str, spec: ExternalServiceSpec) -> str:
-    """``envoy.yaml`` as stored in the ConfigMap: deterministic text, byte for byte."""
+    """``envoy.yaml`` as stored in the ConfigMap: deterministic text, byte for byte.
+
+    Memoised (the spec is frozen): the ConfigMap and the Deployment's config hash both need it,
+    and a sweep renders every gateway.
+    """
     return dump(bootstrap(name, spec))
 
 
