@@ -15,10 +15,8 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
-# The whole product locally: control plane, exporter, Pub/Sub, functions, scheduled sweeps;
-# applies examples/, waits until converged, prints status and a DNS answer; Ctrl-C stops it.
 run: $(STAMP)
-	$(BIN)/egressctl run
+	$(BIN)/egressctl render examples/*.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
