@@ -36,6 +36,7 @@ bench: $(STAMP)
 	@set -e; for m in $(BENCHMARKS); do echo "== bench.$$m"; $(BIN)/python -m bench.$$m; done
 
 clean:
+	-test -x $(BIN)/egressctl && $(BIN)/egressctl dev down
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # The real local control plane (etcd, kube-apiserver, controllers, CoreDNS, Pub/Sub emulator).

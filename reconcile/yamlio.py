@@ -12,7 +12,6 @@ from typing import Any
 
 import yaml
 
-
 # libyaml's emitter is ~10x faster than the pure-Python one and emits the same text.
 _Base: type[yaml.SafeDumper] = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 

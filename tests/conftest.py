@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +59,25 @@ class DevStack:
         return config.new_client_from_config(config_file=kubeconfig or self.kubeconfig)
 
 
-def _egressctl(*args: str, live_output: bool) -> subprocess.CompletedProcess[str]:
+def _egressctl(*args: str) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "egressctl", "dev", *args]
-    if live_output:
-        # Progress of a (possibly cold) build and start-up goes straight to the terminal.
-        return subprocess.run(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, check=False)
     return subprocess.run(cmd, cwd=REPO, text=True, capture_output=True, check=False)
+
+
+def _dev_up_teed() -> tuple[int, str]:
+    """Run `egressctl dev up`, echoing its progress (a cold build takes minutes) live and
+    keeping the last lines for the failure message."""
+    cmd = [sys.executable, "-m", "egressctl", "dev", "up"]
+    last: deque[str] = deque(maxlen=40)
+    with subprocess.Popen(
+        cmd, cwd=REPO, text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            last.append(line.rstrip("\n"))
+    return proc.returncode, "\n".join(last)
 
 
 @pytest.fixture(scope="session")
@@ -78,17 +92,17 @@ def dev_stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
         capman = request.config.pluginmanager.getplugin("capturemanager")
         with capman.global_and_fixture_disabled():
             print("\n[tests] no healthy dev stack: running `egressctl dev up`", file=sys.stderr)
-            res = _egressctl("up", live_output=True)
-        if res.returncode != 0:
+            code, output = _dev_up_teed()
+        if code != 0:
             pytest.fail(
-                "the local control plane did not come up (see the [dev] lines above for the "
-                "part and the reason; logs in .cache/dev/logs/)",
+                f"the local control plane did not come up (exit {code}); the failing part "
+                f"and why, from `egressctl dev up` (logs in .cache/dev/logs/):\n{output}",
                 pytrace=False,
             )
         started_here = True
         state = load_state(layout)
         if state is None or not healthy(layout, state):
-            status = _egressctl("status", live_output=False)
+            status = _egressctl("status")
             pytest.fail(
                 f"dev stack unhealthy right after `dev up`:\n{status.stdout}", pytrace=False
             )
@@ -104,7 +118,7 @@ def dev_stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
             else:
                 os.environ[k] = v
         if started_here and os.environ.get("EGRESS_DEV_KEEP") != "1":
-            _egressctl("down", live_output=False)
+            _egressctl("down")
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,9 @@ def test_hijacked_name_answers_the_gateway_and_keeps_its_name(
         DNS_DEADLINE_S,
         f"{dns_name} -> {ip}",
     )
+    aaaa = query(dev_stack, dns_name, "AAAA")
+    assert [rr for rr in aaaa.rr if rr.rtype == QTYPE.AAAA] == [], "no IPv6 way around the gateway"
+    assert aaaa.header.rcode == 0
     es = admin.get(EXTERNAL_SERVICE, f"gw-{unique}")
     assert es is not None
     cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
