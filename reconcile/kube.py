@@ -64,11 +64,14 @@ class Counters:
     """Requests sent, by verb; thread-safe so that concurrent reconciles can share a client."""
 
     by_verb: Counter[str] = field(default_factory=Counter)
+    # (method, path) of every request: what RBAC must allow, derived from what the code does.
+    calls: Counter[tuple[str, str]] = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, verb: str) -> None:
+    def add(self, verb: str, path: str = "") -> None:
         with self.lock:
             self.by_verb[verb] += 1
+            self.calls[(verb, path)] += 1
 
     @property
     def total(self) -> int:
@@ -126,7 +129,7 @@ class Kube:
             query.append(("dryRun", "All"))
 
         def call() -> Any:
-            self.counters.add(method)
+            self.counters.add(method, path)
             response = self.api.call_api(
                 path,
                 method,
