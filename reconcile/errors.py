@@ -105,7 +105,7 @@ def with_retries(
                 raise PermanentError(failure.message, failure.status) from exc
             if attempt == policy.attempts:
                 raise TransientError(
-                    f"gave up after {attempt} attempts: {failure.message}"
+                    f"gave up after {attempt} attempts: {failure.message}", failure.status
                 ) from exc
             delay = failure.retry_after_s
             if delay is None:
