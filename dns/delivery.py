@@ -108,30 +108,18 @@ class DnsDelivery:
                 },
                 "data": rendered.data,
             }
-            try:
-                if live is None:
-                    kube.request(
-                        "POST",
-                        CONFIGMAP.path(s.dns_configmap_namespace),
-                        body=body,
-                        final_statuses=frozenset({409}),
-                    )
-                else:
-                    body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
-                    body["metadata"]["labels"] = {
-                        **(live["metadata"].get("labels") or {}),
-                        c.LABEL_APP: c.APP_VALUE,
-                    }
-                    kube.request(
-                        "PUT",
-                        CONFIGMAP.path(s.dns_configmap_namespace, s.dns_configmap_name),
-                        body=body,
-                        final_statuses=frozenset({409}),
-                    )
-            except PermanentError as exc:
-                if exc.status == 409:
-                    continue  # someone wrote in between: start over from fresh state
-                raise
+            if live is None:
+                written = _write(kube, "POST", CONFIGMAP.path(s.dns_configmap_namespace), body)
+            else:
+                body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+                body["metadata"]["labels"] = {
+                    **(live["metadata"].get("labels") or {}),
+                    c.LABEL_APP: c.APP_VALUE,
+                }
+                path = CONFIGMAP.path(s.dns_configmap_namespace, s.dns_configmap_name)
+                written = _write(kube, "PUT", path, body)
+            if not written:
+                continue  # someone wrote in between: start over from fresh state
             report.written = True
             self._check_corefile(kube, report, rendered)
             return report
@@ -172,20 +160,24 @@ class DnsDelivery:
                 return
             # PUT the whole live object (resourceVersion included) so nothing else changes.
             cm["data"][s.corefile_key] = updated
-            try:
-                kube.request(
-                    "PUT",
-                    CONFIGMAP.path(s.dns_configmap_namespace, s.coredns_configmap_name),
-                    body=cm,
-                    final_statuses=frozenset({409}),
-                )
-            except PermanentError as exc:
-                if exc.status == 409:
-                    continue
-                raise
+            if not _write(
+                kube, "PUT", CONFIGMAP.path(s.dns_configmap_namespace, s.coredns_configmap_name), cm
+            ):
+                continue
             report.drift.append(f"Corefile: added {missing}")
             return
         raise TransientError("the CoreDNS ConfigMap kept changing under us")
+
+
+def _write(kube: Kube, method: str, path: str, body: Obj) -> bool:
+    """Create or replace under a precondition; False when another writer got there first."""
+    try:
+        kube.request(method, path, body=body, final_statuses=frozenset({409}))
+    except PermanentError as exc:
+        if exc.status == 409:
+            return False
+        raise
+    return True
 
 
 def _describe_drift(live: dict[str, str], desired: dict[str, str]) -> str:

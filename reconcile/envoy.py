@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from reconcile import constants as c
@@ -113,6 +114,11 @@ def _keepalive() -> dict[str, Any]:
     return {"tcp_keepalive": {"keepalive_probes": 3, "keepalive_time": 30, "keepalive_interval": 5}}
 
 
+def _load_assignment(name: str, hosts: Sequence[str], port: Port) -> dict[str, Any]:
+    endpoints = [{"endpoint": {"address": _socket_address(host, port)}} for host in hosts]
+    return {"cluster_name": name, "endpoints": [{"lb_endpoints": endpoints}]}
+
+
 def _dns_cluster(name: str, spec: ExternalServiceSpec, port: Port) -> dict[str, Any]:
     cluster = _common_cluster(name, spec)
     cluster.update(
@@ -121,16 +127,7 @@ def _dns_cluster(name: str, spec: ExternalServiceSpec, port: Port) -> dict[str, 
             "dns_lookup_family": "V4_ONLY",
             "lb_policy": "ROUND_ROBIN",
             "upstream_connection_options": _keepalive(),
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": _socket_address(spec.dns_name, port)}}
-                        ]
-                    }
-                ],
-            },
+            "load_assignment": _load_assignment(name, [spec.dns_name], port),
         }
     )
     if spec.envoy_dns_refresh_rate_s is not None:
@@ -147,17 +144,7 @@ def _override_cluster(name: str, spec: ExternalServiceSpec, port: Port) -> dict[
             "type": "STATIC",
             "lb_policy": "ROUND_ROBIN",
             "upstream_connection_options": _keepalive(),
-            "load_assignment": {
-                "cluster_name": name,
-                "endpoints": [
-                    {
-                        "lb_endpoints": [
-                            {"endpoint": {"address": _socket_address(ip, port)}}
-                            for ip in spec.ip_override
-                        ]
-                    }
-                ],
-            },
+            "load_assignment": _load_assignment(name, spec.ip_override, port),
         }
     )
     # A TCP connect says nothing about a UDP service, so UDP overrides are not health checked.

@@ -33,16 +33,6 @@ DNS_DEADLINE_S = 30
 
 
 @pytest.fixture(scope="module")
-def admin(dev_stack: DevStack) -> Kube:
-    return Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
-
-
-@pytest.fixture(scope="module")
-def as_reconciler(dev_stack: DevStack) -> Kube:
-    return Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
-
-
-@pytest.fixture(scope="module")
 def settings(dev_stack: DevStack) -> Settings:
     return Settings(
         delete_grace_s=0, coredns_import_path=f"{dev_stack.env['COREDNS_IMPORT_DIR']}/*.override"

@@ -42,16 +42,6 @@ pytestmark = pytest.mark.cluster
 KINDS = {"ConfigMap", "NetworkPolicy", "Service", "Deployment", "HorizontalPodAutoscaler"}
 
 
-@pytest.fixture(scope="module")
-def admin(dev_stack: DevStack) -> Kube:
-    return Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
-
-
-@pytest.fixture(scope="module")
-def as_reconciler(dev_stack: DevStack) -> Kube:
-    return Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
-
-
 class Clock:
     def __init__(self) -> None:
         self.now = dt.datetime.now(dt.UTC)
