@@ -97,9 +97,11 @@ class Kube:
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout_s: float = 30.0,
         sleep: Callable[[float], None] | None = None,
+        page_size: int = LIST_PAGE_SIZE,
     ) -> None:
         self.api = api_client
         self.sleep = sleep
+        self.page_size = page_size
         self.dry_run = dry_run
         self.retry = retry
         self.timeout_s = timeout_s
@@ -107,7 +109,12 @@ class Kube:
 
     def with_dry_run(self, dry_run: bool) -> Kube:
         clone = Kube(
-            self.api, dry_run=dry_run, retry=self.retry, timeout_s=self.timeout_s, sleep=self.sleep
+            self.api,
+            dry_run=dry_run,
+            retry=self.retry,
+            timeout_s=self.timeout_s,
+            sleep=self.sleep,
+            page_size=self.page_size,
         )
         clone.counters = self.counters
         return clone
@@ -184,7 +191,7 @@ class Kube:
         items: list[Obj] = []
         token = ""
         while True:
-            query = [("limit", str(LIST_PAGE_SIZE))]
+            query = [("limit", str(self.page_size))]
             if label_selector:
                 query.append(("labelSelector", label_selector))
             if token:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -447,7 +448,7 @@ def proxy(dev_stack: DevStack) -> Iterator[FaultProxy]:
     p.stop()
 
 
-def _kube_via(proxy: FaultProxy, slept: list[float] | None = None) -> Kube:
+def _kube_via(proxy: FaultProxy, slept: list[float] | None = None, page_size: int = 500) -> Kube:
     from kubernetes import client
 
     configuration = client.Configuration()
@@ -457,6 +458,7 @@ def _kube_via(proxy: FaultProxy, slept: list[float] | None = None) -> Kube:
         client.ApiClient(configuration),
         retry=RetryPolicy(attempts=5, base_delay_s=0.05),
         sleep=record.append,
+        page_size=page_size,
     )
 
 
@@ -498,3 +500,53 @@ def test_persistent_failure_raises_transient_for_redelivery(
     proxy.inject(Fault("GET", f"/externalservices/{es_name}", 503, times=100))
     with pytest.raises(TransientError):
         Reconciler(_kube_via(proxy), Settings()).reconcile(es_name)
+
+
+def test_list_restarts_when_a_continue_token_expires(
+    admin: Kube, proxy: FaultProxy, unique: str
+) -> None:
+    names = [f"page{i}-{unique}" for i in range(5)]
+    try:
+        for name in names:
+            create_es(admin, external_service(name))
+        proxy.inject(Fault("GET", "continue=", 410, times=1))
+        kube = _kube_via(proxy, page_size=2)
+        items, _ = kube.list_all(EXTERNAL_SERVICE)
+        assert [m for m, p, s in proxy.injected if s == 410], "the expired token must have been hit"
+        listed = {i["metadata"]["name"] for i in items}
+        assert set(names) <= listed
+        assert len(items) == len(listed), "a restarted list must not return duplicates"
+    finally:
+        for name in names:
+            purge(admin, name)
+
+
+def test_command_line_plan_reconcile_status(dev_stack: DevStack, admin: Kube, es_name: str) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def egressctl(*args: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "KUBECONFIG": dev_stack.identity_kubeconfig("egress-reconciler")}
+        return subprocess.run(
+            [sys.executable, "-m", "egressctl", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+
+    create_es(admin, external_service(es_name))
+    plan = egressctl("plan", es_name)
+    assert plan.returncode == 3, plan.stderr
+    assert f"+ Deployment egress-operator-system/{es_name}" in plan.stdout
+    assert children(admin, es_name) == {}, "plan writes nothing"
+    done = egressctl("reconcile", es_name, "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)[0]["outcome"] == "converged"
+    assert egressctl("plan", es_name).returncode == 0
+    status = egressctl("status")
+    assert status.returncode == 0
+    row = next(line for line in status.stdout.splitlines() if line.startswith(es_name + " "))
+    assert f"{es_name}.example.com" in row and "443/TCP" in row and "Valid" in row
+    assert egressctl("reconcile", "no-such-gateway").returncode == 2
