@@ -23,15 +23,34 @@ from reconcile.settings import Settings
 MAX_ATTEMPTS = 8
 
 
+REASON_NOT_WIRED = "CoreDNSNotWired"
+
+
 @dataclass
-class DnsReport:
+class DnsVerdicts:
+    """Who holds a DNS claim, and whether CoreDNS reads our rules at all."""
+
     rendered: Rendered
-    written: bool = False
-    drift: list[str] = field(default_factory=list)
     corefile_problem: str = ""
+    corefile_added: str = ""
 
     def refusal(self, name: str) -> tuple[str, str] | None:
-        return self.rendered.refused.get(name)
+        """(reason, message) for a gateway whose hijack state is true but whose name is not."""
+        refused = self.rendered.refused.get(name)
+        if refused is not None:
+            return refused
+        if self.corefile_problem:
+            return (
+                REASON_NOT_WIRED,
+                f"the rule is written but CoreDNS does not read it: {self.corefile_problem}",
+            )
+        return None
+
+
+@dataclass
+class DnsReport(DnsVerdicts):
+    written: bool = False
+    drift: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -126,46 +145,46 @@ class DnsDelivery:
         raise TransientError(f"DNS ConfigMap kept changing under us ({MAX_ATTEMPTS} attempts)")
 
     def _check_corefile(self, kube: Kube, report: DnsReport, rendered: Rendered) -> None:
-        """Make sure CoreDNS imports our rules; add the line once if allowed, else report it."""
-        s = self.settings
-        if not rendered.rules and not s.manage_coredns_import:
+        if not rendered.rules and not self.settings.manage_coredns_import:
             return
+        report.corefile_problem, report.corefile_added = self.ensure_corefile(kube)
+        if report.corefile_added:
+            report.drift.append(f"Corefile: added {report.corefile_added}")
+
+    def ensure_corefile(self, kube: Kube) -> tuple[str, str]:
+        """Make sure CoreDNS imports our rules; add the line once if allowed, else report it.
+
+        Returns (problem, what was added): an empty problem means CoreDNS imports the rules.
+        """
+        s = self.settings
+        import_line = f"import {s.coredns_import_path}"
+        path = CONFIGMAP.path(s.dns_configmap_namespace, s.coredns_configmap_name)
         for _ in range(MAX_ATTEMPTS):
             cm = kube.get(CONFIGMAP, s.coredns_configmap_name, s.dns_configmap_namespace)
             text = ((cm or {}).get("data") or {}).get(s.corefile_key)
             if cm is None or text is None:
-                report.corefile_problem = (
+                return (
                     f"ConfigMap {s.dns_configmap_namespace}/{s.coredns_configmap_name} has no key "
                     f"{s.corefile_key}: cannot check that CoreDNS imports the rules"
-                )
-                return
-            import_line = f"import {s.coredns_import_path}"
+                ), ""
             state = corefile.check(text, import_line, s.cluster_domain)
             if state.ok:
-                return
+                return "", ""
             missing = " and ".join(
                 what
                 for what, present in ((import_line, state.has_import), ("reload", state.has_reload))
                 if not present
             )
             if not s.manage_coredns_import:
-                report.corefile_problem = (
-                    f"the Corefile lacks {missing} (MANAGE_COREDNS_IMPORT is off)"
-                )
-                return
+                return f"the Corefile lacks {missing} (MANAGE_COREDNS_IMPORT is off)", ""
             try:
                 updated = corefile.ensure_import(text, import_line, s.cluster_domain)
             except ValueError as exc:
-                report.corefile_problem = str(exc)
-                return
+                return str(exc), ""
             # PUT the whole live object (resourceVersion included) so nothing else changes.
             cm["data"][s.corefile_key] = updated
-            if not _write(
-                kube, "PUT", CONFIGMAP.path(s.dns_configmap_namespace, s.coredns_configmap_name), cm
-            ):
-                continue
-            report.drift.append(f"Corefile: added {missing}")
-            return
+            if _write(kube, "PUT", path, cm):
+                return "", missing
         raise TransientError("the CoreDNS ConfigMap kept changing under us")
 
 

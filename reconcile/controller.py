@@ -18,8 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from dns.delivery import DnsDelivery, DnsReport, claims_from_services
-from dns.render import Claim, Rendered
+from dns.delivery import DnsDelivery, DnsReport, DnsVerdicts, claims_from_services
+from dns.render import Claim
 from dns.render import render as render_dns
 from reconcile import constants as c
 from reconcile.drift import FieldDiff, diff, with_applied_hash
@@ -182,7 +182,7 @@ class Reconciler:
     # -- one ExternalService ---------------------------------------------------------------
 
     def reconcile(
-        self, name: str, observed: Observed | None = None, dns_verdicts: Rendered | None = None
+        self, name: str, observed: Observed | None = None, dns_verdicts: DnsVerdicts | None = None
     ) -> Result:
         """Converge one ExternalService.
 
@@ -227,7 +227,7 @@ class Reconciler:
         )
 
     def _converge(
-        self, es: ExternalService, es_obj: Obj, obs: Observed, dns_verdicts: Rendered | None
+        self, es: ExternalService, es_obj: Obj, obs: Observed, dns_verdicts: DnsVerdicts | None
     ) -> Result:
         changes: list[Change] = []
         if c.FINALIZER not in (es_obj["metadata"].get("finalizers") or []):
@@ -266,7 +266,7 @@ class Reconciler:
                 changes.append(self._delete_child(BY_KIND[kind].kind, live))
         refusal: tuple[str, str] | None = None
         if dns_verdicts is not None:
-            refusal = dns_verdicts.refused.get(es.name)
+            refusal = dns_verdicts.refusal(es.name)
         elif self.dns is not None and (es.spec.hijack_dns or previous is HijackState.TRUE):
             refusal = self.dns.sync(self.kube).refusal(es.name)
         cluster_ip = ((applied_service or {}).get("spec") or {}).get("clusterIP")
@@ -505,6 +505,8 @@ class Reconciler:
             report.pruned.append(self._delete_child(item["kind"], item))
         if self.dns is not None:
             report.dns = self.dns.sync(self.kube)
+            if verdicts is not None and verdicts.corefile_added:
+                report.dns.drift.append(f"Corefile: added {verdicts.corefile_added}")
         return report
 
     def _find_foreign(self, name: str, observed: Observed) -> None:
@@ -526,7 +528,7 @@ class Reconciler:
             if live is not None and not _ours(live, name):
                 observed.foreign[resource.kind] = live
 
-    def _predict_dns(self, by_name: dict[str, Observed]) -> Rendered:
+    def _predict_dns(self, by_name: dict[str, Observed]) -> DnsVerdicts:
         """Which gateways will hold their DNS claim once this sweep has converged them."""
         claims: list[Claim] = []
         for name, obs in by_name.items():
@@ -543,7 +545,11 @@ class Reconciler:
             _, state, _ = self._hijack_state(es, obs)
             if state is HijackState.TRUE:
                 claims.append(Claim(es.creation_timestamp, name, es.spec.dns_name))
-        return render_dns(claims, self.settings.gateway_namespace, self.settings.cluster_domain)
+        rendered = render_dns(claims, self.settings.gateway_namespace, self.settings.cluster_domain)
+        problem = added = ""
+        if self.dns is not None and (rendered.rules or self.settings.manage_coredns_import):
+            problem, added = self.dns.ensure_corefile(self.kube)
+        return DnsVerdicts(rendered, problem, added)
 
 
 def _ready_replicas(deployment: Obj | None) -> int:

@@ -254,6 +254,7 @@ def test_removed_import_line_is_reported_and_restored_when_allowed(
     )
     live = admin.get(CONFIGMAP, "coredns", "kube-system")
     assert live is not None and live["data"]["Corefile"] == stripped, "not allowed: nothing written"
+    assert _dns_condition(admin, f"imp-{unique}") == ("False", "CoreDNSNotWired")
 
     managing = build_reconciler(
         as_reconciler, dataclasses.replace(settings, manage_coredns_import=True)
@@ -271,6 +272,14 @@ def test_removed_import_line_is_reported_and_restored_when_allowed(
     )
     again = managing.sweep()
     assert again.dns is not None and not any("Corefile" in d for d in again.dns.drift)
+    assert _dns_condition(admin, f"imp-{unique}") == ("True", "Hijacked")
+
+
+def _dns_condition(admin: Kube, name: str) -> tuple[str, str]:
+    es = admin.get(EXTERNAL_SERVICE, name)
+    assert es is not None
+    cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
+    return cond["status"], cond["reason"]
 
 
 def test_dns_delivery_as_the_reconciler_identity_only_touches_its_configmaps(
