@@ -499,9 +499,6 @@ class Reconciler:
                 except Exception as exc:
                     report.errors.append({"name": name, "error": str(exc)})
         for item in orphans:
-            meta = item["metadata"]
-            if meta.get("ownerReferences") and meta["labels"].get(c.LABEL_GATEWAY) in by_name:
-                continue
             report.pruned.append(self._delete_child(item["kind"], item))
         if self.dns is not None:
             report.dns = self.dns.sync(self.kube)
