@@ -15,8 +15,10 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 
 venv: $(STAMP)
 
+# The whole product locally: control plane, exporter, Pub/Sub, functions, scheduled sweeps;
+# applies examples/, waits until converged, prints status and a DNS answer; Ctrl-C stops it.
 run: $(STAMP)
-	$(BIN)/egressctl render examples/*.yaml
+	$(BIN)/egressctl run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -31,7 +33,7 @@ lint: $(STAMP)
 
 # Each benchmark is its own module in bench/ printing its figures; run them all in order.
 # They start a dev stack of their own (.cache/dev-bench) and stop it afterwards.
-BENCHMARKS := $(filter-out __init__ stack,$(basename $(notdir $(wildcard bench/*.py))))
+BENCHMARKS := $(filter-out __init__ stack _%,$(basename $(notdir $(wildcard bench/*.py))))
 bench: $(STAMP)
 	@set -e; for m in $(BENCHMARKS); do echo "== bench.$$m"; $(BIN)/python -m bench.$$m; done
 

@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "egressctl.render_cmds",
     "egressctl.ops_cmds",
     "egressctl.devstack",
+    "egressctl.run_cmds",
 )
 
 

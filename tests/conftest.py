@@ -83,12 +83,20 @@ def _dev_up_teed() -> tuple[int, str]:
 @pytest.fixture(scope="session")
 def dev_stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
     """The running stack (reused if healthy, else started for this session)."""
-    from egressctl.devstack.stack import Layout, env_values, healthy, load_state
+    from egressctl.devstack.procs import DevStackError
+    from egressctl.devstack.stack import Layout, apply_infra, env_values, healthy, load_state
 
     layout = Layout(REPO)
     state = load_state(layout)
     started_here = False
-    if state is None or not healthy(layout, state):
+    if state is not None and healthy(layout, state):
+        # A reused stack gets the working tree's CRD and RBAC (they may have changed since it
+        # started), so RBAC tests check the manifests as they are now.
+        try:
+            apply_infra(layout)
+        except DevStackError as exc:
+            pytest.fail(f"applying infra/ to the running dev stack failed: {exc}", pytrace=False)
+    else:
         capman = request.config.pluginmanager.getplugin("capturemanager")
         with capman.global_and_fixture_disabled():
             print("\n[tests] no healthy dev stack: running `egressctl dev up`", file=sys.stderr)

@@ -405,6 +405,9 @@ def env_values(layout: Layout, state: State) -> dict[str, str]:
         "COREDNS_ADDR": f"127.0.0.1:{p['dns']}",
         "COREDNS_UPSTREAM_ADDR": f"127.0.0.1:{p['upstream_dns']}",
         "COREDNS_IMPORT_DIR": str(layout.projected("kube-system", "egress-gateway-dns")),
+        # What the reconciler checks the Corefile for (reconcile.settings COREDNS_IMPORT_PATH).
+        "COREDNS_IMPORT_PATH": str(layout.projected("kube-system", "egress-gateway-dns"))
+        + "/*.override",
         "EGRESS_DEV_UPSTREAM_HOSTS": str(layout.upstream / "hosts"),
         "EGRESS_DEV_DIR": str(layout.dev),
         "EGRESS_DEV_BIN_DIR": state.bin_dir,
@@ -436,28 +439,33 @@ def _kubectl(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _apply_infra(layout: Layout) -> None:
-    """Apply infra/rbac and infra/crd (server-side) and wait for CRDs to be Established."""
-    for sub in ("rbac", "crd"):
-        directory = layout.infra / sub
-        files = sorted(directory.glob("*.yaml"))
-        if not files:
-            _say(f"WARNING: no manifests in {directory}; nothing applied")
-            continue
-        res = _kubectl(
-            layout, "apply", "--server-side", "--force-conflicts",
-            "--field-manager=egressctl-dev", "-f", str(directory),
-        )  # fmt: skip
-        if res.returncode != 0:
-            raise DevStackError(f"infra: applying {directory} failed:\n{res.stderr.strip()}")
-        _say(f"applied {directory.relative_to(layout.repo)} ({len(files)} files)")
-        if sub == "crd":
-            res = _kubectl(
-                layout, "wait", "--for=condition=Established", "--timeout=60s",
-                "-f", str(directory),
-            )  # fmt: skip
-            if res.returncode != 0:
-                raise DevStackError(f"infra: CRDs not Established:\n{res.stderr.strip()}")
+# What `dev up` installs: the CRD, the gateway namespace and the RBAC bound to the stack's
+# certificate users (a kustomize overlay; see infra/).
+DEV_OVERLAY = ("overlays", "dev")
+CRD_FILE = ("crd", "externalservices.yaml")
+
+
+def apply_infra(layout: Layout) -> None:
+    """Apply infra/overlays/dev (server-side) and wait for the CRD to be Established.
+
+    Idempotent and quick (about half a second), so a running stack is brought up to date with
+    the working tree's CRD and RBAC whenever it is reused."""
+    overlay = layout.infra.joinpath(*DEV_OVERLAY)
+    if not (overlay / "kustomization.yaml").is_file():
+        raise DevStackError(f"infra: {overlay} has no kustomization.yaml")
+    res = _kubectl(
+        layout, "apply", "--server-side", "--force-conflicts",
+        "--field-manager=egressctl-dev", "-k", str(overlay),
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise DevStackError(f"infra: applying {overlay} failed:\n{res.stderr.strip()}")
+    _say(f"applied {overlay.relative_to(layout.repo)} ({len(res.stdout.splitlines())} objects)")
+    res = _kubectl(
+        layout, "wait", "--for=condition=Established", "--timeout=60s",
+        "-f", str(layout.infra.joinpath(*CRD_FILE)),
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise DevStackError(f"infra: CRDs not Established:\n{res.stderr.strip()}")
 
 
 def _put_configmap(layout: Layout, namespace: str, name: str, data: dict[str, str]) -> None:
@@ -522,6 +530,7 @@ def up(layout: Layout) -> State:
     existing = load_state(layout)
     if existing is not None and healthy(layout, existing):
         _write_env(layout, existing)
+        apply_infra(layout)
         _say(f"already up and healthy; source {layout.env_file}")
         return existing
     bin_dir = ensure_binaries(layout)  # before cleaning: a failed build keeps nothing
@@ -627,7 +636,7 @@ def up(layout: Layout) -> State:
             "--profiling=false",
         ])  # fmt: skip
 
-        _apply_infra(layout)
+        apply_infra(layout)
 
         # Cluster DNS: the Corefile is a ConfigMap, projected to disk like kubelet does.
         import_dir = layout.projected("kube-system", "egress-gateway-dns")

@@ -1,0 +1,152 @@
+"""The notice: the small JSON message the exporter publishes and the event function reads.
+
+A notice names an ExternalService and says what happened; it never carries the spec, because
+the function always reads live state (a notice may be late, duplicated or out of order). Both
+sides use this module, so the format is defined once; decoding is strict and every refusal has
+a reason fit for a log line, because a malformed message is acknowledged, never retried.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+VERSION = 1
+# Which object moved: the ExternalService itself, or its gateway Deployment (readiness).
+KINDS = frozenset({"ExternalService", "Deployment"})
+# Watch event types, plus RELIST: published for every object found by a (re-)list.
+EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "RELIST"})
+CHANGES = frozenset(
+    {
+        "created",  # first seen
+        "spec",  # generation moved
+        "deleting",  # deletionTimestamp set
+        "finalizers",  # finalizers changed
+        "deleted",  # gone from the API
+        "readiness",  # gateway Deployment's ready replicas moved
+        "gateway-deleted",  # the gateway Deployment was deleted (drift)
+        "relist",  # found by a list after start-up or a 410
+    }
+)
+FIELDS = frozenset({"v", "name", "kind", "change", "type", "resourceVersion", "time"})
+# A Kubernetes object name (DNS-1123 subdomain); the reconciler refuses stricter cases itself.
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_RV = re.compile(r"^[0-9]{1,20}$")
+
+
+class BadNotice(ValueError):
+    """The message can never be processed; the text says why (it goes to the log)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    name: str
+    kind: str
+    change: str
+    type: str
+    resource_version: str
+    time: dt.datetime
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "v": VERSION,
+            "name": self.name,
+            "kind": self.kind,
+            "change": self.change,
+            "type": self.type,
+            "resourceVersion": self.resource_version,
+            "time": format_time(self.time),
+        }
+
+    def encode(self) -> bytes:
+        return json.dumps(self.to_json(), separators=(",", ":"), sort_keys=True).encode()
+
+    def attributes(self) -> dict[str, str]:
+        """Pub/Sub attributes: filterable without decoding the body."""
+        return {"name": self.name, "change": self.change, "type": self.type}
+
+
+def format_time(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(text: str) -> dt.datetime:
+    value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if value.tzinfo is None:
+        raise ValueError("no time zone")
+    return value.astimezone(dt.UTC)
+
+
+def valid_name(name: object) -> bool:
+    return isinstance(name, str) and 0 < len(name) <= 253 and bool(_NAME.match(name))
+
+
+def decode_data(raw: object, max_bytes: int) -> bytes:
+    """The message body from the base64 text of a Pub/Sub message (push body or CloudEvent)."""
+    if raw is None:
+        raise BadNotice("message has no data")
+    if isinstance(raw, bytes | bytearray):
+        raw = raw.decode("ascii", errors="replace")
+    if not isinstance(raw, str):
+        raise BadNotice(f"message data must be base64 text, got {type(raw).__name__}")
+    # base64 grows 4/3: refuse before decoding anything huge.
+    if len(raw) > (max_bytes * 4) // 3 + 4:
+        raise BadNotice(f"message is larger than {max_bytes} bytes ({len(raw) * 3 // 4} bytes)")
+    try:
+        data = base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadNotice(f"message data is not valid base64: {exc}") from None
+    if len(data) > max_bytes:
+        raise BadNotice(f"message is larger than {max_bytes} bytes ({len(data)} bytes)")
+    return data
+
+
+def parse_notice(data: bytes) -> Notice:
+    """Decode and validate a notice body; raises BadNotice with the reason."""
+    if not data:
+        raise BadNotice("message data is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadNotice("message data is not UTF-8 text") from None
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise BadNotice(f"message data is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise BadNotice(f"notice must be a JSON object, got {type(body).__name__}")
+    version = body.get("v")
+    if version != VERSION or isinstance(version, bool):
+        raise BadNotice(f"unsupported notice version {version!r} (this function reads v{VERSION})")
+    unknown = sorted(set(body) - FIELDS)
+    if unknown:
+        raise BadNotice(f"unknown field(s) {', '.join(map(repr, unknown))}")
+    missing = sorted(FIELDS - set(body))
+    if missing:
+        raise BadNotice(f"missing field(s) {', '.join(map(repr, missing))}")
+    for key in FIELDS - {"v"}:
+        if not isinstance(body[key], str):
+            raise BadNotice(f"field {key!r} must be a string, got {type(body[key]).__name__}")
+    name = body["name"]
+    if not valid_name(name):
+        raise BadNotice(f"name {name[:80]!r} is not a Kubernetes object name")
+    if body["kind"] not in KINDS:
+        raise BadNotice(f"kind {body['kind'][:40]!r} is not one of {', '.join(sorted(KINDS))}")
+    if body["type"] not in EVENT_TYPES:
+        raise BadNotice(
+            f"type {body['type'][:40]!r} is not one of {', '.join(sorted(EVENT_TYPES))}"
+        )
+    if body["change"] not in CHANGES:
+        raise BadNotice(f"change {body['change'][:40]!r} is not a known change")
+    if not _RV.match(body["resourceVersion"]):
+        raise BadNotice(f"resourceVersion {body['resourceVersion'][:40]!r} is not a number")
+    try:
+        when = parse_time(body["time"])
+    except ValueError:
+        raise BadNotice(f"time {body['time'][:40]!r} is not an RFC 3339 timestamp") from None
+    return Notice(name, body["kind"], body["change"], body["type"], body["resourceVersion"], when)

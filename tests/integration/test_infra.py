@@ -1,0 +1,424 @@
+"""infra/: every overlay builds and is accepted by a real API server, and the RBAC is exactly
+what the code uses.
+
+The RBAC half records every request of the reconciler's scenarios (create, update, DNS hijack
+with delivery and Corefile import management, deletion with finalizer and grace, sweep with
+pruning, status) and of the exporter's list-then-watch, each run as its own RBAC identity, and
+compares the derived accesses with the grants of each overlay (see rbac_audit.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from exporter.settings import ExporterSettings
+from exporter.watch import Exporter
+from functions.notice import Notice
+from reconcile import constants as c
+from reconcile.app import build_reconciler
+from reconcile.kube import (
+    CONFIGMAP,
+    DEPLOYMENT,
+    EXTERNAL_SERVICE,
+    Kube,
+    api_client_from_kubeconfig,
+)
+from reconcile.settings import Settings
+from tests.conftest import DevStack
+from tests.integration.helpers import (
+    GATEWAY_NS,
+    children,
+    create_es,
+    eventually,
+    external_service,
+    purge,
+    set_pods_ready,
+    update_spec,
+)
+from tests.integration.rbac_audit import (
+    REPO,
+    Access,
+    RecordingApiClient,
+    Subject,
+    accesses,
+    compare,
+    grants,
+    kustomize,
+)
+
+INFRA = REPO / "infra"
+OVERLAYS = ("dev", "gke", "kind")
+# What the guide substitutes into the GKE overlay.
+GKE_VALUES = {"PROJECT_ID": "my-project", "EXPORTER_IMAGE": "registry.invalid/egress-exporter:1"}
+PLACEHOLDERS = {"dev": {}, "gke": GKE_VALUES, "kind": {}}
+
+RECONCILER = {
+    "dev": Subject("User", "egress-reconciler"),
+    "gke": Subject("User", "egress-reconciler@my-project.iam.gserviceaccount.com"),
+    "kind": Subject("ServiceAccount", "egress-reconciler", GATEWAY_NS),
+}
+EXPORTER = {
+    "dev": Subject("User", "egress-exporter"),
+    "gke": Subject("ServiceAccount", "egress-exporter", GATEWAY_NS),
+    "kind": Subject("ServiceAccount", "egress-exporter", GATEWAY_NS),
+}
+SETTINGS = Settings()
+FIXED_NAMES = frozenset({SETTINGS.dns_configmap_name, SETTINGS.coredns_configmap_name})
+
+
+def _kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", *args], input=stdin, capture_output=True, text=True, check=False
+    )
+
+
+def _dry_run_apply(stack: DevStack, objects: list[dict[str, Any]], *extra: str) -> None:
+    res = _kubectl(
+        f"--kubeconfig={stack.kubeconfig}",
+        "apply",
+        "--server-side",
+        "--dry-run=server",
+        "--force-conflicts",
+        "--field-manager=infra-test",
+        *extra,
+        "-f",
+        "-",
+        stdin=yaml.safe_dump_all(objects),
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("(server dry run)") == len(objects), res.stdout
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_builds_with_only_its_documented_placeholders(overlay: str) -> None:
+    raw = _kubectl("kustomize", str(INFRA / "overlays" / overlay))
+    assert raw.returncode == 0, raw.stderr
+    for placeholder in GKE_VALUES:
+        assert (placeholder in raw.stdout) == (overlay == "gke"), placeholder
+    objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    assert ("CustomResourceDefinition", "externalservices.egress.monzo.com") in kinds
+    assert ("Namespace", GATEWAY_NS) in kinds
+    assert ("ClusterRole", "egress-reconciler") in kinds
+    assert ("Deployment", "egress-exporter") in kinds if overlay == "gke" else True
+    # Every binding names exactly this overlay's identities and nothing else.
+    for obj in objects:
+        if obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+            who = RECONCILER if "reconciler" in obj["roleRef"]["name"] else EXPORTER
+            subjects = obj["subjects"]
+            assert any(who[overlay].matches(s) for s in subjects), obj
+            if overlay != "dev":
+                assert len(subjects) == 1, f"{obj['metadata']['name']}: {subjects}"
+
+
+def test_gke_overlay_wires_workload_identity_and_the_image() -> None:
+    objects = kustomize(INFRA / "overlays" / "gke", GKE_VALUES)
+    by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+    sa = by_kind[("ServiceAccount", "egress-exporter")]
+    assert sa["metadata"]["annotations"] == {
+        "iam.gke.io/gcp-service-account": "egress-exporter@my-project.iam.gserviceaccount.com"
+    }
+    pod = by_kind[("Deployment", "egress-exporter")]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "egress-exporter"
+    container = pod["containers"][0]
+    assert container["image"] == GKE_VALUES["EXPORTER_IMAGE"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["GOOGLE_CLOUD_PROJECT"] == "my-project"
+    assert env["GATEWAY_NAMESPACE"] == GATEWAY_NS
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_applies_with_a_server_side_dry_run(dev_stack: DevStack, overlay: str) -> None:
+    _dry_run_apply(dev_stack, kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay]))
+
+
+# A CoreDNS Deployment as kubeadm and kind install it (abridged to what the patch touches).
+COREDNS_DEPLOYMENT = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  selector: {matchLabels: {k8s-app: kube-dns}}
+  template:
+    metadata: {labels: {k8s-app: kube-dns}}
+    spec:
+      containers:
+        - name: coredns
+          image: coredns/coredns:1.12.0
+          args: [-conf, /etc/coredns/Corefile]
+          volumeMounts:
+            - {name: config-volume, mountPath: /etc/coredns, readOnly: true}
+      volumes:
+        - name: config-volume
+          configMap: {name: coredns, items: [{key: Corefile, path: Corefile}]}
+"""
+
+
+@pytest.mark.cluster
+def test_coredns_component_mounts_the_rules_and_is_accepted(
+    dev_stack: DevStack, tmp_path: Path
+) -> None:
+    (tmp_path / "coredns.yaml").write_text(COREDNS_DEPLOYMENT)
+    # As a user would: their own kustomization of CoreDNS, with our Component (relative path).
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": ["coredns.yaml"],
+                "components": [os.path.relpath(INFRA / "coredns", tmp_path)],
+            }
+        )
+    )
+    [deployment] = kustomize(tmp_path)
+    pod = deployment["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert set(volumes) == {"config-volume", "egress-gateways"}
+    assert volumes["egress-gateways"]["configMap"] == {
+        "name": SETTINGS.dns_configmap_name,
+        "optional": True,
+    }
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts["egress-gateways"]["mountPath"] == str(Path(SETTINGS.coredns_import_path).parent)
+    assert "subPath" not in mounts["egress-gateways"]
+    assert mounts["config-volume"]["mountPath"] == "/etc/coredns"
+    snippet = (INFRA / "coredns" / "Corefile.snippet").read_text()
+    assert f"import {SETTINGS.coredns_import_path}" in snippet and "reload" in snippet
+    _dry_run_apply(dev_stack, [deployment])
+
+
+@pytest.mark.cluster
+def test_default_deny_egress_example_is_accepted(dev_stack: DevStack, namespace: str) -> None:
+    [policy] = kustomize(INFRA / "examples" / "default-deny-egress")
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    assert policy["spec"]["podSelector"] == {}
+    _dry_run_apply(dev_stack, [policy], "-n", namespace)
+
+
+# --------------------------------------------------------------------------- RBAC derivation
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = dt.datetime.now(dt.UTC)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@pytest.fixture
+def admin(dev_stack: DevStack) -> Kube:
+    return Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
+
+
+@pytest.fixture
+def corefile(admin: Kube) -> Iterator[dict[str, Any]]:
+    """The stack's Corefile, restored afterwards whatever the test did to it."""
+    live = admin.get(CONFIGMAP, SETTINGS.coredns_configmap_name, "kube-system")
+    assert live is not None
+    yield live
+    admin.merge_patch(
+        CONFIGMAP, SETTINGS.coredns_configmap_name, {"data": live["data"]}, "kube-system"
+    )
+
+
+def _reconciler_scenarios(
+    dev_stack: DevStack, admin: Kube, corefile: dict[str, Any], name: str
+) -> RecordingApiClient:
+    api = RecordingApiClient(
+        api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler"))
+    )
+    kube = Kube(api)
+    clock = Clock()
+    settings = Settings(
+        delete_grace_s=60,
+        enable_pdb=True,
+        manage_coredns_import=True,
+        coredns_import_path=f"{dev_stack.env['COREDNS_IMPORT_DIR']}/*.override",
+    )
+    reconciler = build_reconciler(kube, settings, clock=clock)
+    import_line = f"import {settings.coredns_import_path}"
+
+    # Create: every gateway object is created by server-side apply; finalizer; status; and,
+    # with our DNS ConfigMap missing, its creation (POST).
+    admin.delete(CONFIGMAP, settings.dns_configmap_name, settings.dns_configmap_namespace)
+    create_es(admin, external_service(name, hijackDns=True, dnsName=f"{name}.example.com"))
+    first = reconciler.reconcile(name)
+    assert first.outcome == "converged", first
+    assert set(children(admin, name)) >= {"Deployment", "Service", "PodDisruptionBudget"}
+    # Hijack: pods ready, Service label true, rules delivered (PUT) and the missing Corefile
+    # import line added (PUT of kube-system/coredns).
+    stripped = corefile["data"][settings.corefile_key].replace(f"    {import_line}\n", "")
+    assert stripped != corefile["data"][settings.corefile_key]
+    admin.merge_patch(
+        CONFIGMAP,
+        settings.coredns_configmap_name,
+        {"data": {settings.corefile_key: stripped}},
+        "kube-system",
+    )
+    set_pods_ready(admin, name, True)
+    hijacked = reconciler.reconcile(name)
+    assert hijacked.hijack_state == "true", hijacked
+    dns = admin.get(CONFIGMAP, settings.dns_configmap_name, settings.dns_configmap_namespace)
+    assert dns is not None and f"{name}.example.com" in "".join(dns["data"].values())
+    live_corefile = admin.get(CONFIGMAP, settings.coredns_configmap_name, "kube-system")
+    assert live_corefile is not None
+    assert live_corefile["data"][settings.corefile_key].count(import_line) == 1
+    # Update: a spec change re-applies existing objects.
+    update_spec(admin, name, {"ports": [{"port": 443}, {"port": 8443}]})
+    assert reconciler.reconcile(name).outcome == "converged"
+    # Sweep: one LIST per kind, an orphan pruned, the PDB pruned once ENABLE_PDB is off.
+    orphan = f"orphan-{name}"
+    admin.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": orphan,
+                "namespace": GATEWAY_NS,
+                "labels": {c.LABEL_APP: c.APP_VALUE, c.LABEL_GATEWAY: orphan},
+            },
+        }
+    )
+    sweeper = build_reconciler(kube, dataclasses.replace(settings, enable_pdb=False), clock=clock)
+    report = sweeper.sweep()
+    assert any(ch.name == orphan for ch in report.pruned), report.to_dict()
+    assert admin.get(CONFIGMAP, orphan, GATEWAY_NS) is None
+    assert "PodDisruptionBudget" not in children(admin, name)
+    # Delete: DNS withdrawn first (Service label patched, rules rewritten), grace recorded,
+    # then the gateway deleted and the finalizer released.
+    admin.delete(EXTERNAL_SERVICE, name)
+    waiting = reconciler.reconcile(name)
+    assert waiting.outcome == "deleting", waiting
+    clock.now += dt.timedelta(seconds=61)
+    gone = reconciler.reconcile(name)
+    assert gone.outcome == "deleted", gone
+    eventually(lambda: admin.get(EXTERNAL_SERVICE, name) is None, 30, f"{name} to go")
+    assert children(admin, name) == {}
+    return api
+
+
+@pytest.mark.cluster
+def test_reconciler_rbac_is_exactly_what_its_requests_need(
+    dev_stack: DevStack, admin: Kube, corefile: dict[str, Any], unique: str
+) -> None:
+    name = f"rbac-{unique}"
+    try:
+        api = _reconciler_scenarios(dev_stack, admin, corefile, name)
+    finally:
+        purge(admin, name)
+    refused = [r for r in api.requests if r.status == 403]
+    assert not refused, f"requests refused by RBAC: {refused}"
+    needed = accesses(api.requests)
+    # Sanity: the scenarios did reach every path that needs its own grant.
+    expected_samples = {
+        Access("create", "", "configmaps", "kube-system", ""),
+        Access("update", "", "configmaps", "kube-system", SETTINGS.coredns_configmap_name),
+        Access("update", "", "configmaps", "kube-system", SETTINGS.dns_configmap_name),
+        Access("patch", c.GROUP, "externalservices/status", "", name),
+        Access("update", c.GROUP, "externalservices/finalizers", "", name),
+        Access("delete", "policy", "poddisruptionbudgets", GATEWAY_NS, name),
+        Access("list", "apps", "deployments", GATEWAY_NS, ""),
+    }
+    assert expected_samples <= needed, sorted(expected_samples - needed)
+    for overlay in OVERLAYS:
+        objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
+        problems = compare(needed, grants(objects, RECONCILER[overlay]), FIXED_NAMES)
+        assert not problems, f"overlay {overlay}, reconciler:\n  " + "\n  ".join(problems)
+
+
+class FakePublisher:
+    def __init__(self) -> None:
+        self.notices: list[Notice] = []
+
+    def publish(self, notice: Notice) -> None:
+        self.notices.append(notice)
+
+    def flush(self, timeout_s: float) -> bool:
+        return True
+
+
+@pytest.mark.cluster
+def test_exporter_rbac_is_exactly_what_its_requests_need(dev_stack: DevStack) -> None:
+    api = RecordingApiClient(
+        api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-exporter"))
+    )
+    exporter = Exporter(
+        Kube(api), FakePublisher(), ExporterSettings(project="rbac-test", watch_timeout_s=1)
+    )
+    threads = [
+        threading.Thread(target=exporter.watch_loop, args=(key,), daemon=True)
+        for key in exporter.watches
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+
+        def watched_both() -> bool:
+            watches = [r for r in api.requests if dict(r.query).get("watch") == "true"]
+            paths = {r.path for r in watches if r.status == 200}
+            return exporter.ready and paths == {
+                EXTERNAL_SERVICE.path(),
+                DEPLOYMENT.path(GATEWAY_NS),
+            }
+
+        eventually(watched_both, 30, "the exporter to list and watch both kinds")
+    finally:
+        exporter.stop()
+        for thread in threads:
+            thread.join(timeout=10)
+    refused = [r for r in api.requests if r.status == 403]
+    assert not refused, f"requests refused by RBAC: {refused}"
+    needed = accesses(api.requests)
+    assert {a.verb for a in needed} == {"list", "watch"}
+    for overlay in OVERLAYS:
+        objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
+        problems = compare(needed, grants(objects, EXPORTER[overlay]))
+        assert not problems, f"overlay {overlay}, exporter:\n  " + "\n  ".join(problems)
+
+
+def test_the_comparison_fails_on_missing_and_broader_grants() -> None:
+    """The checker itself: a missing verb, an unused verb, a namespaced kind granted
+    cluster-wide and a fixed name granted without resourceNames are each reported."""
+    from tests.integration.rbac_audit import Grant
+
+    needed = {
+        Access("get", "", "configmaps", "kube-system", "coredns"),
+        Access("list", "apps", "deployments", GATEWAY_NS, ""),
+        Access("patch", "apps", "deployments", GATEWAY_NS, "gw"),
+    }
+    exact = {
+        Grant("get", "", "configmaps", "kube-system", "coredns"),
+        Grant("list", "apps", "deployments", GATEWAY_NS, "*"),
+        Grant("patch", "apps", "deployments", GATEWAY_NS, "*"),
+    }
+    assert compare(needed, exact, frozenset({"coredns"})) == []
+    missing = exact - {Grant("patch", "apps", "deployments", GATEWAY_NS, "*")}
+    assert [p.split(":")[0] for p in compare(needed, missing)] == ["missing"]
+    unused = exact | {Grant("watch", "apps", "deployments", GATEWAY_NS, "*")}
+    assert [p.split(":")[0] for p in compare(needed, unused)] == ["unused"]
+    wide = (exact - {Grant("list", "apps", "deployments", GATEWAY_NS, "*")}) | {
+        Grant("list", "apps", "deployments", "*", "*")
+    }
+    assert [p.split(":")[0] for p in compare(needed, wide)] == [
+        "cluster-wide but only used in namespaces"
+    ]
+    unnamed = (exact - {Grant("get", "", "configmaps", "kube-system", "coredns")}) | {
+        Grant("get", "", "configmaps", "kube-system", "*")
+    }
+    problems = compare(needed, unnamed, frozenset({"coredns"}))
+    assert [p.split(":")[0] for p in problems] == ["not limited to resourceNames ['coredns']"]
