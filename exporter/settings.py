@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from functions.settings import DEFAULT_EVENTS_TOPIC
+from reconcile.envreader import EnvReader
 from reconcile.settings import DEFAULT_GATEWAY_NAMESPACE
 
 
@@ -30,18 +31,11 @@ class ExporterSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ExporterSettings:
-        errors: list[str] = []
+        env_ = EnvReader(env)
+        errors = env_.errors
 
-        def whole(name: str, default: int, low: int, high: int = 10**6) -> int:
-            value = env.get(name, "").strip()
-            if not value:
-                return default
-            if not value.isdigit() or not low <= int(value) <= high:
-                errors.append(
-                    f"{name}: must be a whole number from {low} to {high} (got {value!r})"
-                )
-                return default
-            return int(value)
+        def whole(name: str, default: int, low: int, high: int) -> int:
+            return env_.whole(name, default, low, high)
 
         project = (env.get("GOOGLE_CLOUD_PROJECT") or env.get("PUBSUB_PROJECT_ID") or "").strip()
         if not project:
@@ -56,6 +50,5 @@ class ExporterSettings:
             publish_timeout_s=whole("EXPORTER_PUBLISH_TIMEOUT_SECONDS", 60, 1, 3600),
             kubeconfig=(env.get("KUBECONFIG") or "").strip() or None,
         )
-        if errors:
-            raise ExporterSettingsError("invalid settings:\n  " + "\n  ".join(errors))
+        env_.raise_if_errors(ExporterSettingsError)
         return settings

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from reconcile.envreader import EnvReader
+
 DEFAULT_EVENTS_TOPIC = "egress-events"
 DEFAULT_SWEEP_TOPIC = "egress-sweep"
 # Older notices are acknowledged and left to the sweep (Cloud Scheduler runs it every few
@@ -47,19 +49,9 @@ class PipelineSettings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PipelineSettings:
-        errors: list[str] = []
-
-        def get(name: str, default: str = "") -> str:
-            return env.get(name, default).strip()
-
-        def whole(name: str, default: int, low: int) -> int:
-            value = get(name)
-            if not value:
-                return default
-            if not value.isdigit() or int(value) < low:
-                errors.append(f"{name}: must be a whole number of at least {low} (got {value!r})")
-                return default
-            return int(value)
+        env_ = EnvReader(env)
+        errors = env_.errors
+        get, whole = env_.get, env_.whole
 
         def topic(name: str, default: str) -> str:
             value = get(name, default) or default
@@ -90,8 +82,7 @@ class PipelineSettings:
             gke_endpoint=endpoint,
             gke_ca_cert=get("GKE_CA_CERT") or None,
         )
-        if errors:
-            raise PipelineSettingsError("invalid settings:\n  " + "\n  ".join(errors))
+        env_.raise_if_errors(PipelineSettingsError)
         return settings
 
     def credential_mode(self, env: Mapping[str, str]) -> str:

@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from reconcile.envreader import EnvReader
+
 DEFAULT_ENVOY_IMAGE = "envoyproxy/envoy:v1.39.6"
 DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
@@ -23,8 +25,6 @@ DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"
 # Where the cluster's CoreDNS mounts DEFAULT_DNS_CONFIGMAP (see README, "Cluster DNS").
 DEFAULT_IMPORT_PATH = "/etc/coredns/egress-gateways/*.override"
 
-_TRUE = {"true", "1", "yes", "on"}
-_FALSE = {"false", "0", "no", "off", ""}
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
@@ -68,36 +68,12 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         """Build settings from an environment mapping (pass ``os.environ`` at the edge)."""
-        errors: list[str] = []
-
-        def get(name: str, default: str = "") -> str:
-            return env.get(name, default).strip()
-
-        def flag(name: str) -> bool:
-            value = get(name).lower()
-            if value in _TRUE:
-                return True
-            if value not in _FALSE:
-                errors.append(f"{name}: must be true or false (got {env[name]!r})")
-            return False
+        env_ = EnvReader(env)
+        errors = env_.errors
+        get, flag, whole_number = env_.get, env_.flag, env_.whole
 
         def positive_int(name: str) -> int | None:
-            value = get(name)
-            if not value:
-                return None
-            if not value.isdigit() or int(value) < 1:
-                errors.append(f"{name}: must be a whole number of at least 1 (got {value!r})")
-                return None
-            return int(value)
-
-        def whole_number(name: str, default: int, low: int) -> int:
-            value = get(name)
-            if not value:
-                return default
-            if not value.isdigit() or int(value) < low:
-                errors.append(f"{name}: must be a whole number of at least {low} (got {value!r})")
-                return default
-            return int(value)
+            return env_.optional_whole(name, 1)
 
         def label_key(name: str, default: str = "") -> str:
             value = get(name, default)
@@ -188,8 +164,7 @@ class Settings:
             manage_coredns_import=flag("MANAGE_COREDNS_IMPORT"),
             coredns_import_path=import_path,
         )
-        if errors:
-            raise SettingsError("invalid settings:\n  " + "\n  ".join(errors))
+        env_.raise_if_errors(SettingsError)
         return settings
 
 
