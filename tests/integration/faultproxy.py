@@ -13,6 +13,7 @@ import ssl
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,10 @@ class Fault:
     status: int | None  # None: drop the connection
     times: int = 1
     retry_after: str | None = None
+    # With both set: signal ``held`` and wait for ``release`` before dropping the connection,
+    # a request that never completes (as when its client dies mid-flight).
+    held: threading.Event | None = None
+    release: threading.Event | None = None
 
 
 @dataclass
@@ -81,6 +86,9 @@ class FaultProxy:
                 body = self.rfile.read(length) if length else None
                 fault = proxy._take(self.command, self.path)
                 if fault is not None:
+                    if fault.held is not None and fault.release is not None:
+                        fault.held.set()
+                        fault.release.wait(120)
                     if fault.status is None:
                         self.close_connection = True
                         self.connection.shutdown(2)
@@ -124,9 +132,26 @@ class FaultProxy:
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def write_kubeconfig(self, path: Path) -> str:
+        """A kubeconfig that reaches the API server through this proxy."""
+        cfg = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "proxy", "cluster": {"server": self.url}}],
+            "users": [{"name": "proxy", "user": {}}],
+            "contexts": [{"name": "proxy", "context": {"cluster": "proxy", "user": "proxy"}}],
+            "current-context": "proxy",
+        }
+        path.write_text(yaml.safe_dump(cfg))
+        return str(path)
+
     def stop(self) -> None:
+        for fault in self.faults:
+            if fault.release is not None:
+                fault.release.set()
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
