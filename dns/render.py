@@ -32,6 +32,9 @@ REASON_DUPLICATE = "DuplicateDnsName"
 REASON_FORBIDDEN = "ForbiddenDnsName"
 REASON_CAPACITY = "DnsCapacityExceeded"
 
+# Answered per node: hijacking them would hand a gateway's credentials to every granted pod.
+NODE_LOCAL_NAMES = frozenset({"metadata.google.internal"})
+
 _RULE = re.compile(r"^rewrite stop name exact (\S+) (\S+)$")
 
 
@@ -78,6 +81,10 @@ def forbidden_reason(dns_name: str, cluster_domain: str) -> str | None:
         return f"{dns_name!r} is a localhost name"
     if name.endswith(".in-addr.arpa") or name.endswith(".ip6.arpa"):
         return f"{dns_name!r} is a reverse-lookup name"
+    if name.endswith(".svc"):
+        return f"{dns_name!r} is a partial cluster Service name"
+    if name in NODE_LOCAL_NAMES:
+        return f"{dns_name!r} names the node's metadata server"
     return None
 
 

@@ -61,6 +61,8 @@ def test_no_claims_no_keys() -> None:
         "1.0.0.10.in-addr.arpa",
         "intranet",
         "Bad_Name.com",
+        "kubernetes.default.svc",
+        "metadata.google.internal",
     ],
 )
 def test_forbidden_names_are_never_hijacked(dns_name: str) -> None:
