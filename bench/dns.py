@@ -33,7 +33,7 @@ from reconcile.kube import (
     api_client_from_kubeconfig,
 )
 from reconcile.settings import Settings
-from tests.integration.helpers import set_pods_ready
+from tests.integration.helpers import create_es, external_service, set_pods_ready
 
 NS = "egress-operator-system"
 DOMAIN = "cluster.local"
@@ -116,21 +116,7 @@ def bench_propagation(
     for i in range(rounds):
         name = f"prop-{i}"
         dns_name = f"prop-{i}-{int(time.time())}.example.com"
-        admin.request(
-            "POST",
-            EXTERNAL_SERVICE.path(),
-            body={
-                "apiVersion": c.API_VERSION,
-                "kind": c.KIND,
-                "metadata": {"name": name},
-                "spec": {
-                    "dnsName": dns_name,
-                    "ports": [{"port": 443}],
-                    "hijackDns": True,
-                    "minReplicas": 1,
-                },
-            },
-        )
+        create_es(admin, external_service(name, dnsName=dns_name, hijackDns=True))
         reconciler.reconcile(name)
         set_pods_ready(admin, name, True)
         result = reconciler.reconcile(name)

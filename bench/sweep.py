@@ -27,6 +27,7 @@ from reconcile import constants as c
 from reconcile.app import build_reconciler
 from reconcile.kube import EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, api_client_from_kubeconfig
 from reconcile.settings import Settings
+from tests.integration.helpers import create_es, external_service
 
 PREFIX = "bench-"
 GATEWAY_NS = "egress-operator-system"
@@ -40,20 +41,7 @@ def _settings() -> Settings:
 
 def _create(admin: Kube, n: int) -> None:
     def one(i: int) -> None:
-        admin.request(
-            "POST",
-            EXTERNAL_SERVICE.path(),
-            body={
-                "apiVersion": c.API_VERSION,
-                "kind": c.KIND,
-                "metadata": {"name": f"{PREFIX}{i:04d}"},
-                "spec": {
-                    "dnsName": f"svc{i:04d}.example.com",
-                    "ports": [{"port": 443}],
-                    "minReplicas": 1,
-                },
-            },
-        )
+        create_es(admin, external_service(f"{PREFIX}{i:04d}", dnsName=f"svc{i:04d}.example.com"))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(one, range(n)))
