@@ -16,6 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from reconcile.names import DNS1123_SUBDOMAIN
+
 VERSION = 1
 # Which object moved: the ExternalService itself, or its gateway Deployment (readiness).
 KINDS = frozenset({"ExternalService", "Deployment"})
@@ -34,8 +36,6 @@ CHANGES = frozenset(
     }
 )
 FIELDS = frozenset({"v", "name", "kind", "change", "type", "resourceVersion", "time"})
-# A Kubernetes object name (DNS-1123 subdomain); the reconciler refuses stricter cases itself.
-_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _RV = re.compile(r"^[0-9]{1,20}$")
 
 
@@ -83,7 +83,7 @@ def parse_time(text: str) -> dt.datetime:
 
 
 def valid_name(name: object) -> bool:
-    return isinstance(name, str) and 0 < len(name) <= 253 and bool(_NAME.match(name))
+    return isinstance(name, str) and 0 < len(name) <= 253 and bool(DNS1123_SUBDOMAIN.match(name))
 
 
 def decode_data(raw: object, max_bytes: int) -> bytes:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from reconcile.envreader import EnvReader
+from reconcile.names import DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_VALUE, is_label_key
 
 DEFAULT_ENVOY_IMAGE = "envoyproxy/envoy:v1.39.6"
 DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
@@ -25,12 +26,6 @@ DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"
 # Where the cluster's CoreDNS mounts DEFAULT_DNS_CONFIGMAP (see README, "Cluster DNS").
 DEFAULT_IMPORT_PATH = "/etc/coredns/egress-gateways/*.override"
 
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(
-    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-)
-_LABEL_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
 
 
@@ -77,13 +72,13 @@ class Settings:
 
         def label_key(name: str, default: str = "") -> str:
             value = get(name, default)
-            if value and not _is_label_key(value):
+            if value and not is_label_key(value):
                 errors.append(f"{name}: {value!r} is not a valid Kubernetes label key")
             return value
 
         def label_value(name: str) -> str:
             value = get(name)
-            if len(value) > 63 or not _LABEL_VALUE.match(value):
+            if len(value) > 63 or not LABEL_VALUE.match(value):
                 errors.append(f"{name}: {value!r} is not a valid Kubernetes label value")
             return value
 
@@ -91,22 +86,22 @@ class Settings:
         if not _IMAGE.match(image):
             errors.append(f"ENVOY_IMAGE: {image!r} is not a container image reference")
         namespace = get("GATEWAY_NAMESPACE", DEFAULT_GATEWAY_NAMESPACE) or DEFAULT_GATEWAY_NAMESPACE
-        if len(namespace) > 63 or not _DNS1123_LABEL.match(namespace):
+        if len(namespace) > 63 or not DNS1123_LABEL.match(namespace):
             errors.append(f"GATEWAY_NAMESPACE: {namespace!r} is not a valid namespace name")
         domain = (get("CLUSTER_DOMAIN", DEFAULT_CLUSTER_DOMAIN) or DEFAULT_CLUSTER_DOMAIN).rstrip(
             "."
         )
-        if len(domain) > 253 or not _DNS1123_SUBDOMAIN.match(domain):
+        if len(domain) > 253 or not DNS1123_SUBDOMAIN.match(domain):
             errors.append(f"CLUSTER_DOMAIN: {domain!r} is not a valid DNS domain")
 
         def object_name(name: str, default: str) -> str:
             value = get(name, default) or default
-            if len(value) > 253 or not _DNS1123_SUBDOMAIN.match(value):
+            if len(value) > 253 or not DNS1123_SUBDOMAIN.match(value):
                 errors.append(f"{name}: {value!r} is not a valid object name")
             return value
 
         dns_ns = object_name("DNS_CONFIGMAP_NAMESPACE", "kube-system")
-        if len(dns_ns) > 63 or not _DNS1123_LABEL.match(dns_ns):
+        if len(dns_ns) > 63 or not DNS1123_LABEL.match(dns_ns):
             errors.append(f"DNS_CONFIGMAP_NAMESPACE: {dns_ns!r} is not a valid namespace name")
         import_path = get("COREDNS_IMPORT_PATH", DEFAULT_IMPORT_PATH) or DEFAULT_IMPORT_PATH
         if not import_path.startswith("/") or any(ch.isspace() for ch in import_path):
@@ -166,10 +161,3 @@ class Settings:
         )
         env_.raise_if_errors(SettingsError)
         return settings
-
-
-def _is_label_key(key: str) -> bool:
-    prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not _DNS1123_SUBDOMAIN.match(prefix)):
-        return False
-    return 0 < len(name) <= 63 and bool(_LABEL_NAME.match(name))

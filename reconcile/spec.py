@@ -16,6 +16,7 @@ from enum import StrEnum
 from typing import Any, TypeGuard
 
 from reconcile import constants as c
+from reconcile.names import DNS1035_LABEL, DNS1123_LABEL
 
 
 class Protocol(StrEnum):
@@ -34,8 +35,6 @@ DEFAULT_TARGET_CPU = 50
 DEFAULT_REQUESTS = (("cpu", "100m"), ("memory", "50Mi"))
 DEFAULT_LIMITS = (("cpu", "2"), ("memory", "1Gi"))
 
-_DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _RESOURCE_NAME = re.compile(
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
@@ -188,7 +187,7 @@ def _check_name(name: object) -> list[FieldError]:
                 f"'{c.GRANT_LABEL_PREFIX}<name>' is a valid label key (got {len(name)})",
             )
         ]
-    if not _DNS1035_LABEL.match(name):
+    if not DNS1035_LABEL.match(name):
         return [
             FieldError(
                 path,
@@ -221,7 +220,7 @@ def check_dns_name(value: object, path: str = "spec.dnsName") -> list[FieldError
     for label in labels:
         if len(label) > 63:
             return [FieldError(path, f"{value!r}: label {label[:20]!r}... is longer than 63")]
-        if not _DNS1123_LABEL.match(label):
+        if not DNS1123_LABEL.match(label):
             return [
                 FieldError(
                     path,
