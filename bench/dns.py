@@ -132,7 +132,8 @@ def bench_propagation(
     print(
         f"hijack state true -> first rewritten answer over {rounds} gateways: "
         f"p50 {statistics.median(latencies):.2f} s, max {latencies[-1]:.2f} s "
-        "(configsync projection + CoreDNS reload 2s; budget ~2 min in a real cluster)"
+        f"(kubelet ConfigMap sync {os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '5')} s on the dev "
+        "node + CoreDNS reload 2s; budget ~2 min in a real cluster)"
     )
     for i in range(rounds):
         admin.merge_patch(EXTERNAL_SERVICE, f"prop-{i}", {"metadata": {"finalizers": None}})
@@ -149,7 +150,9 @@ def main() -> int:
         admin = Kube(api_client_from_kubeconfig(env["KUBECONFIG"]))
         kube = Kube(api_client_from_kubeconfig(env["KUBECONFIG_RECONCILER"]))
         settings = Settings(
-            delete_grace_s=0, coredns_import_path=f"{env['COREDNS_IMPORT_DIR']}/*.override"
+            delete_grace_s=0,
+            coredns_import_path=env["COREDNS_IMPORT_PATH"],
+            envoy_image=env["ENVOY_IMAGE"],
         )
         bench_delivery(admin, kube, settings, n)
         bench_propagation(

@@ -33,8 +33,10 @@ def bench_stack() -> Iterator[dict[str, str]]:
         started = True
         state = load_state(layout)
         assert state is not None
+    env = env_values(layout, state)
+    os.environ.update(env)  # kubectl and the test helpers read KUBECONFIG, ENVOY_IMAGE
     try:
-        yield env_values(layout, state)
+        yield env
     finally:
         if started and os.environ.get("EGRESS_DEV_KEEP") != "1":
             subprocess.run(

@@ -35,7 +35,9 @@ GATEWAY_NS = "egress-operator-system"
 
 def _settings() -> Settings:
     return Settings(
-        delete_grace_s=0, sweep_concurrency=int(os.environ.get("SWEEP_CONCURRENCY", "4"))
+        delete_grace_s=0,
+        sweep_concurrency=int(os.environ.get("SWEEP_CONCURRENCY", "4")),
+        envoy_image=os.environ["ENVOY_IMAGE"],  # the dev node's; set by bench_stack
     )
 
 

@@ -63,7 +63,6 @@ def config_from(args: argparse.Namespace) -> PipelineConfig:
         state_dir=args.state_dir,
         delete_grace_s=args.delete_grace,
         sweep_interval_s=args.sweep_interval or None,
-        ready_pods=False,  # kind has kubelets: pods become Ready by themselves
         extra_env={
             "DELETE_GRACE_SECONDS": str(args.delete_grace),
             "MANAGE_COREDNS_IMPORT": "true" if args.manage_coredns_import else "false",

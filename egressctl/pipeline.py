@@ -63,7 +63,6 @@ class PipelineConfig:
     state_dir: Path  # where logs and pipeline.json go (the dev stack's directory)
     delete_grace_s: int = 5
     sweep_interval_s: float | None = 30.0  # None: no scheduler (tests trigger sweeps)
-    ready_pods: bool = False  # kubelet stand-in: mark gateway pods Ready
     extra_env: dict[str, str] = field(default_factory=dict)
     exporter_watch_timeout_s: int = 60
     say: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
@@ -118,11 +117,6 @@ class LocalPipeline:
         )
         if "DELETE_GRACE_SECONDS" not in os.environ:
             env["DELETE_GRACE_SECONDS"] = str(self.config.delete_grace_s)
-        import_dir = self.config.dev_env.get("COREDNS_IMPORT_DIR")
-        if import_dir and "COREDNS_IMPORT_PATH" not in os.environ:
-            # The dev stack's CoreDNS imports the projected ConfigMap from here, not from the
-            # in-cluster mount path: the reconciler checks the Corefile for this import line.
-            env["COREDNS_IMPORT_PATH"] = f"{import_dir}/*.override"
         env.update(self.config.extra_env)
         return env
 
@@ -316,8 +310,6 @@ class LocalPipeline:
         self._thread(self._supervise, "supervisor")
         if self.config.sweep_interval_s:
             self._thread(self._schedule, "scheduler")
-        if self.config.ready_pods:
-            self._thread(self._kubelet, "kubelet-stand-in")
 
     def _thread(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -391,40 +383,6 @@ class LocalPipeline:
         while not self.stopping.wait(interval):
             with contextlib.suppress(Exception):
                 self.trigger_sweep()
-
-    def _kubelet(self) -> None:
-        """No kubelet runs locally: mark gateway pods Running and Ready, as one would."""
-        from reconcile import constants as c
-        from reconcile.kube import Kube, Resource, api_client_from_kubeconfig
-        from reconcile.settings import Settings
-
-        pod = Resource("v1", "Pod", "pods")
-        namespace = Settings.from_env(self.base_env()).gateway_namespace
-        kube = Kube(api_client_from_kubeconfig(self.config.dev_env["KUBECONFIG"]))
-        while not self.stopping.wait(1.0):
-            try:
-                items, _ = kube.list_all(pod, namespace, label_selector=c.LABEL_GATEWAY)
-            except Exception:
-                continue
-            for item in items:
-                conditions = (item.get("status") or {}).get("conditions") or []
-                if any(
-                    cd.get("type") == "Ready" and cd.get("status") == "True" for cd in conditions
-                ):
-                    continue
-                now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-                ready = [
-                    {"type": kind, "status": "True", "lastTransitionTime": now}
-                    for kind in ("Ready", "ContainersReady")
-                ]
-                with contextlib.suppress(Exception):
-                    kube.merge_patch(
-                        pod,
-                        item["metadata"]["name"],
-                        {"status": {"phase": "Running", "conditions": ready}},
-                        namespace,
-                        subresource="status",
-                    )
 
 
 def read_state(state_dir: Path) -> dict[str, Any] | None:

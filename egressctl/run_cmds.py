@@ -44,12 +44,6 @@ def register(subparsers: Any) -> None:
         help="seconds between scheduled sweeps (default 30; $SWEEP_INTERVAL_SECONDS)",
     )
     p.add_argument(
-        "--no-ready-pods",
-        action="store_true",
-        help="do not mark gateway pods Ready (there is no kubelet locally; by default a "
-        "stand-in marks them Ready so that DNS hijacking can be seen)",
-    )
-    p.add_argument(
         "--examples", default="examples", help="directory of ExternalServices to apply first"
     )
     p.add_argument(
@@ -57,7 +51,7 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="stop everything once converged (for CI and smoke tests)",
     )
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for convergence")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for convergence")
     p.set_defaults(func=cmd_run)
 
     p = subparsers.add_parser(
@@ -124,7 +118,8 @@ def say(message: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from egressctl.devstack.procs import DevStackError
+    from egressctl import demo
+    from egressctl.devstack.procs import DevStackError, wait_for
     from egressctl.devstack.stack import Layout, down, env_values, find_repo, healthy, load_state
     from egressctl.devstack.stack import up as dev_up
     from egressctl.pipeline import LocalPipeline, PipelineConfig
@@ -146,7 +141,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             state_dir=layout.dev,
             delete_grace_s=grace,
             sweep_interval_s=args.sweep_interval or None,
-            ready_pods=not args.no_ready_pods,
             say=say,
         )
     )
@@ -170,13 +164,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         follower = LogFollower(pipeline)
         follower.start()
         names = apply_examples(dev_env["KUBECONFIG"], Path(args.examples))
-        say(f"[run] applied {len(names)} example(s): {', '.join(names)}; waiting to converge")
-        ok = wait_converged(dev_env["KUBECONFIG"], names, args.timeout, not args.no_ready_pods)
+        demo.apply_demo(dev_env["KUBECONFIG"], dev_env)
+        names.append(demo.DEMO_NAME)
+        say(
+            f"[run] applied {len(names)} ExternalService(s): {', '.join(names)}; waiting for "
+            "their gateway pods to pass Envoy's readiness probe"
+        )
+        ok = wait_converged(dev_env["KUBECONFIG"], names, args.timeout)
         if not ok:
             say(f"[run] not converged after {args.timeout:g}s; see {layout.logs}/pipeline-*.log")
             code = EXIT_FAILED
         print_status(dev_env["KUBECONFIG"])
-        print_dns(dev_env, not args.no_ready_pods)
+        print_dns(dev_env)
+        if not demo.show(dev_env["KUBECONFIG"], dev_env, say, wait_for):
+            code = EXIT_FAILED
         print_help(dev_env, layout.env_file)
         if not args.exit_after_converged:
             while not interrupted.is_set():
@@ -220,16 +221,15 @@ def apply_examples(kubeconfig: str, directory: Path) -> list[str]:
     return names
 
 
-def converged(obj: dict[str, Any] | None, ready_pods: bool) -> bool:
+def converged(obj: dict[str, Any] | None) -> bool:
+    """Valid, observed, with a ClusterIP, a Ready gateway pod and the hijack state asked for."""
     if not obj:
         return False
     status = obj.get("status") or {}
     meta = obj.get("metadata") or {}
-    if ready_pods:
-        # With Ready pods, converged includes the hijack state the spec asks for.
-        wanted = "true" if (obj.get("spec") or {}).get("hijackDns") else "false"
-        if status.get("hijackState") != wanted or not status.get("readyReplicas"):
-            return False
+    wanted = "true" if (obj.get("spec") or {}).get("hijackDns") else "false"
+    if status.get("hijackState") != wanted or not status.get("readyReplicas"):
+        return False
     return bool(
         status.get("observedGeneration") == meta.get("generation")
         and any(
@@ -240,7 +240,7 @@ def converged(obj: dict[str, Any] | None, ready_pods: bool) -> bool:
     )
 
 
-def wait_converged(kubeconfig: str, names: list[str], timeout_s: float, ready_pods: bool) -> bool:
+def wait_converged(kubeconfig: str, names: list[str], timeout_s: float) -> bool:
     from egressctl.devstack.procs import wait_for
     from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 
@@ -248,7 +248,7 @@ def wait_converged(kubeconfig: str, names: list[str], timeout_s: float, ready_po
     t0 = time.monotonic()
 
     def done() -> bool:
-        return all(converged(kube.get(EXTERNAL_SERVICE, name), ready_pods) for name in names)
+        return all(converged(kube.get(EXTERNAL_SERVICE, name)) for name in names)
 
     ok = wait_for(done, timeout_s, interval=0.2)
     if ok:
@@ -264,7 +264,7 @@ def print_status(kubeconfig: str) -> None:
     say("")
 
 
-def print_dns(dev_env: dict[str, str], ready_pods: bool) -> None:
+def print_dns(dev_env: dict[str, str]) -> None:
     """Ask cluster DNS for each hijacking ExternalService's name, as a pod would."""
     from dnslib import DNSRecord
 
@@ -294,7 +294,7 @@ def print_dns(dev_env: dict[str, str], ready_pods: bool) -> None:
             answer[:] = [f"{rr.rname} {rr.rdata}" for rr in reply.rr]
             return bool(ip) and any(str(rr.rdata) == ip for rr in reply.rr)
 
-        hit = wait_for(query, 30 if ready_pods else 2, interval=0.5)
+        hit = wait_for(query, 30, interval=0.5)
         shown = "; ".join(answer) or "no answer"
         verdict = "the gateway's ClusterIP" if hit else "not (yet) the gateway"
         say(f"[run] dig @{dev_env['COREDNS_ADDR']} {dns_name} A -> {shown}  ({verdict})")

@@ -1,16 +1,20 @@
-"""The local control plane: real etcd, kube-apiserver, kube-controller-manager, CoreDNS and
-the Pub/Sub emulator, started as plain processes on loopback.
+"""The local cluster: real etcd, kube-apiserver, kube-controller-manager and kube-scheduler,
+one real node (containerd, runc, CNI, kubelet, kube-proxy, kube-router as the NetworkPolicy
+enforcer), cluster DNS as a CoreDNS pod, an offline internet, and the Pub/Sub emulator.
 
 Why: there is no container engine on our machines, so kind cannot run; every capability
-is still tested against real servers (like controller-runtime's envtest, plus the garbage
-collector, cluster DNS fed from ConfigMaps, and Pub/Sub). Binaries are built from pinned
-Go modules by ``infra/dev/build.sh`` and cached outside the clone. Run-time state lives in
+is still tested against real servers and every promise about traffic with real packets.
+Binaries are built from pinned Go modules by ``infra/dev/build.sh`` and cached outside the
+clone; images are built locally (``images.py``), never pulled. The node and the offline
+internet live in network namespaces of their own (``node.py``). Run-time state lives in
 ``.cache/dev/`` of the repository; ``state.json`` records every started process with its
-start time so `dev down` stops exactly those.
+start time and the stack's address slot, so `dev down` (or the next `dev up` after a crash)
+removes exactly what this stack made.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from egressctl.devstack import pki
+from egressctl.devstack import images, node, pki
+from egressctl.devstack.node import AddressPlan, NodePaths
 from egressctl.devstack.procs import (
     DevStackError,
     ProcRecord,
@@ -40,12 +45,19 @@ from egressctl.devstack.procs import (
 )
 
 CLUSTER_DOMAIN = "cluster.local"
-SERVICE_CIDR = "10.96.0.0/16"
 PUBSUB_PROJECT_ID = "egress-dev"
 GATEWAY_NAMESPACE = "egress-operator-system"
 IDENTITIES = ("egress-reconciler", "egress-exporter")
-STATE_VERSION = 1
+STATE_VERSION = 2
 PART_TIMEOUT = float(os.environ.get("EGRESS_DEV_PART_TIMEOUT", "120"))
+# The kubelet's periodic pod sync, which is also when it refreshes mounted ConfigMaps
+# (cluster DNS rules). Kubernetes' default is 60 s; the dev node syncs faster so tests of
+# DNS changes take seconds. README (Development) lists this among the differences.
+KUBELET_SYNC_S = int(os.environ.get("EGRESS_DEV_KUBELET_SYNC_S", "5"))
+BINARIES = (
+    "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "coredns",
+    "kubelet", "kube-proxy", "kube-router",
+)  # fmt: skip
 
 
 def _say(msg: str, out: TextIO | None = None) -> None:
@@ -61,6 +73,17 @@ def find_repo() -> Path:
     raise DevStackError("cannot find the repository (no infra/dev/build.sh above the cwd)")
 
 
+def node_paths(dev: Path) -> NodePaths:
+    """The node's folder: inside the stack's, unless that path is so long that the kubelet's
+    sockets under it would pass the 107-byte limit of a unix socket path; then a short,
+    stable one derived from it (so a crashed stack's leftovers are still found)."""
+    path = dev / "node"
+    if len(str(path)) > 48:
+        digest = hashlib.sha256(str(dev).encode()).hexdigest()[:12]
+        path = Path("/run/egress-dev") / digest
+    return NodePaths(path)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where everything lives."""
@@ -71,7 +94,7 @@ class Layout:
     def dev(self) -> Path:
         # EGRESS_DEV_DIR lets a second, independent stack run beside the default one.
         override = os.environ.get("EGRESS_DEV_DIR")
-        return Path(override) if override else self.repo / ".cache" / "dev"
+        return Path(override).resolve() if override else self.repo / ".cache" / "dev"
 
     @property
     def state_file(self) -> Path:
@@ -97,12 +120,8 @@ class Layout:
         return self.dev / "logs"
 
     @property
-    def dns(self) -> Path:
-        """Projected ConfigMaps: dns/<namespace>/<name>/<key>."""
-        return self.dev / "dns"
-
-    def projected(self, namespace: str, name: str) -> Path:
-        return self.dns / namespace / name
+    def node(self) -> NodePaths:
+        return node_paths(self.dev)
 
     @property
     def upstream(self) -> Path:
@@ -118,8 +137,12 @@ class State:
     """The content of state.json."""
 
     bin_dir: str = ""
+    slot: int = -1
     ports: dict[str, int] = field(default_factory=dict)
     procs: list[ProcRecord] = field(default_factory=list)
+    images: dict[str, str] = field(default_factory=dict)
+    # Seconds from the start of `dev up` to each part turning healthy (for `make bench`).
+    timings: dict[str, float] = field(default_factory=dict)
     complete: bool = False
     started_at: float = 0.0
 
@@ -127,8 +150,11 @@ class State:
         return {
             "version": STATE_VERSION,
             "bin_dir": self.bin_dir,
+            "slot": self.slot,
             "ports": self.ports,
             "procs": [p.to_json() for p in self.procs],
+            "images": self.images,
+            "timings": self.timings,
             "complete": self.complete,
             "started_at": self.started_at,
         }
@@ -137,14 +163,21 @@ class State:
     def from_json(cls, data: dict[str, Any]) -> State:
         return cls(
             bin_dir=str(data.get("bin_dir", "")),
+            slot=int(data.get("slot", -1)),
             ports={str(k): int(v) for k, v in data.get("ports", {}).items()},
             procs=[ProcRecord.from_json(p) for p in data.get("procs", [])],
+            images={str(k): str(v) for k, v in data.get("images", {}).items()},
+            timings={str(k): float(v) for k, v in data.get("timings", {}).items()},
             complete=bool(data.get("complete", False)),
             started_at=float(data.get("started_at", 0.0)),
         )
 
     def proc(self, name: str) -> ProcRecord | None:
         return next((p for p in self.procs if p.name == name), None)
+
+    @property
+    def plan(self) -> AddressPlan | None:
+        return AddressPlan(self.slot) if self.slot >= 0 else None
 
 
 def load_state(layout: Layout) -> State | None:
@@ -172,16 +205,57 @@ def ensure_binaries(layout: Layout) -> Path:
     script = layout.repo / "infra" / "dev" / "build.sh"
     check = subprocess.run([str(script), "--check"], check=False)
     if check.returncode != 0:
-        _say("control-plane binaries missing for the current pins: building (minutes on 2 cores)")
+        _say("cluster binaries missing for the current pins: building (minutes on 2 cores)")
     proc = subprocess.run([str(script)], stdout=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise DevStackError(f"build: infra/dev/build.sh failed with exit code {proc.returncode}")
     lines = proc.stdout.strip().splitlines()
     bin_dir = Path(lines[-1]) if lines else Path()
-    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "coredns"):
+    for name in BINARIES:
         if not os.access(bin_dir / name, os.X_OK):
             raise DevStackError(f"build: {bin_dir / name} is missing after the build")
     return bin_dir
+
+
+def image_cache(bin_dir: Path) -> Path:
+    """Image archives are cached beside the binaries (outside the clone)."""
+    return bin_dir.parent.parent / "images"
+
+
+def coredns_version(bin_dir: Path) -> str:
+    pins = (bin_dir / "PINS").read_text() if (bin_dir / "PINS").is_file() else ""
+    for line in pins.splitlines():
+        if "github.com/coredns/coredns " in line:
+            return line.split()[-1]
+    return "dev"
+
+
+DASH = Path("/bin/dash")
+
+
+def build_images(bin_dir: Path) -> dict[str, Path]:
+    """The node's images (pause, client, Envoy, CoreDNS) as OCI archives, by role."""
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    nc = Path(shutil.which("nc.openbsd") or "/bin/nc.openbsd")
+    specs = {
+        "pause": images.pause_image(busybox),
+        "client": images.client_image(busybox, nc, DASH),
+        "envoy": images.envoy_image(images.envoy_binary(), busybox, images.envoy_version()),
+        "coredns": images.coredns_image(bin_dir / "coredns", coredns_version(bin_dir)),
+    }
+    archives = images.build_images(image_cache(bin_dir), list(specs.values()))
+    return dict(zip(specs, archives, strict=True))
+
+
+def image_refs(bin_dir: Path) -> dict[str, str]:
+    busybox = Path(shutil.which("busybox") or "/bin/busybox")
+    nc = Path(shutil.which("nc.openbsd") or "/bin/nc.openbsd")
+    return {
+        "pause": images.pause_image(busybox).ref,
+        "client": images.client_image(busybox, nc, DASH).ref,
+        "envoy": images.envoy_image(images.envoy_binary(), busybox, images.envoy_version()).ref,
+        "coredns": images.coredns_image(bin_dir / "coredns", coredns_version(bin_dir)).ref,
+    }
 
 
 def pubsub_emulator_command(port: int) -> list[str]:
@@ -255,6 +329,43 @@ def _http_ok(url: str) -> tuple[bool, str]:
         return False, str(exc)
 
 
+def _tcp_ok(host: str, port: int) -> tuple[bool, str]:
+    try:
+        with socket.create_connection((host, port), timeout=2) as sock:
+            sock.sendall(b"health\n")
+            line = sock.recv(200).decode(errors="replace")
+        return bool(line), line
+    except OSError as exc:
+        return False, str(exc)
+
+
+def _udp_ok(host: str, port: int) -> tuple[bool, str]:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(2)
+            sock.sendto(b"health\n", (host, port))
+            reply = sock.recv(200).decode(errors="replace")
+        return bool(reply), reply
+    except OSError as exc:
+        return False, str(exc)
+
+
+def _upstream_ok(host: str, tcp: int, udp: int) -> tuple[bool, str]:
+    ok_tcp, detail_tcp = _tcp_ok(host, tcp)
+    ok_udp, detail_udp = _udp_ok(host, udp)
+    return ok_tcp and ok_udp, f"{detail_tcp.strip()}; {detail_udp.strip()}"
+
+
+def _unix_ok(path: Path) -> tuple[bool, str]:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(2)
+            sock.connect(str(path))
+        return True, f"listening on {path}"
+    except OSError as exc:
+        return False, str(exc)
+
+
 def admin_ssl_context(layout: Layout) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(layout.pki / "ca.crt"))
     ctx.load_cert_chain(str(layout.pki / "admin.crt"), str(layout.pki / "admin.key"))
@@ -282,6 +393,20 @@ def _dns_answers(addr: str, name: str) -> tuple[bool, str]:
     return bool(answers), f"{rcode} {answers}"
 
 
+def _node_ready(layout: Layout) -> tuple[bool, str]:
+    from kubernetes import client, config
+
+    try:
+        api = client.CoreV1Api(config.new_client_from_config(config_file=str(layout.kubeconfig)))
+        got = api.read_node(node.NODE_NAME, _request_timeout=3)
+    except Exception as exc:
+        return False, str(exc)[:200]
+    for cond in got.status.conditions or []:
+        if cond.type == "Ready":
+            return cond.status == "True", f"Ready={cond.status} {cond.message or ''}"
+    return False, "no Ready condition yet"
+
+
 @dataclass
 class Check:
     part: str
@@ -290,32 +415,36 @@ class Check:
 
 
 def part_checks(layout: Layout, state: State) -> dict[str, Callable[[], tuple[bool, str]]]:
-    """Health probes per part, using only the standard library and dnslib (fast)."""
+    """Health probes per part, using only the standard library, dnslib and the client."""
     p = state.ports
+    plan = state.plan or AddressPlan(0)
     checks: dict[str, Callable[[], tuple[bool, str]]] = {
         "etcd": lambda: _http_ok(f"http://127.0.0.1:{p['etcd']}/health"),
         "kube-apiserver": lambda: _https_ok(
-            f"https://127.0.0.1:{p['apiserver']}/readyz", admin_ssl_context(layout)
+            f"https://{plan.host_ip}:{p['apiserver']}/readyz", admin_ssl_context(layout)
         ),
         "kube-controller-manager": lambda: _https_ok(
             f"https://127.0.0.1:{p['kcm']}/healthz", ssl._create_unverified_context()
         ),
-        "configsync": lambda: (
-            (layout.projected("kube-system", "coredns") / "Corefile").is_file(),
-            "Corefile projected",
+        "kube-scheduler": lambda: _https_ok(
+            f"https://127.0.0.1:{p['scheduler']}/healthz", ssl._create_unverified_context()
         ),
-        "dns-upstream": lambda: _dns_answers(f"127.0.0.1:{p['upstream_dns']}", "api.example.com"),
-        "coredns": lambda: _coredns_ok(p),
+        "containerd": lambda: _unix_ok(layout.node.containerd_socket),
+        "kubelet": lambda: _node_ready(layout),
+        "kube-proxy": lambda: _http_ok(f"http://{plan.node_ip}:10256/healthz"),
+        "kube-router": lambda: _http_ok(f"http://{plan.node_ip}:20244/healthz"),
+        "dns-upstream": lambda: _dns_answers(f"{plan.upstream_dns_ip}:53", node.UPSTREAM_NAME),
+        "upstream": lambda: _upstream_ok(
+            plan.upstream_ip, node.UPSTREAM_TCP_PORT, node.UPSTREAM_UDP_PORT
+        ),
         "pubsub": lambda: _http_ok(f"http://127.0.0.1:{p['pubsub']}/"),
     }
     return checks
 
 
-def _coredns_ok(ports: dict[str, int]) -> tuple[bool, str]:
-    ok, detail = _http_ok(f"http://127.0.0.1:{ports['coredns_ready']}/ready")
-    if not ok:
-        return False, f"not ready: {detail}"
-    return _dns_answers(f"127.0.0.1:{ports['dns']}", f"kubernetes.default.svc.{CLUSTER_DOMAIN}")
+def cluster_dns_ok(state: State) -> tuple[bool, str]:
+    plan = state.plan or AddressPlan(0)
+    return _dns_answers(f"{plan.cluster_dns_ip}:53", f"kubernetes.default.svc.{CLUSTER_DOMAIN}")
 
 
 def check_all(layout: Layout, state: State) -> list[Check]:
@@ -331,6 +460,8 @@ def check_all(layout: Layout, state: State) -> list[Check]:
             continue
         ok, detail = probe()
         results.append(Check(name, ok, f"pid {rec.pid}: {detail.strip()[:120]}"))
+    ok, detail = cluster_dns_ok(state)
+    results.append(Check("cluster-dns", ok, f"kube-dns Service: {detail.strip()[:120]}"))
     return results
 
 
@@ -338,9 +469,8 @@ def healthy(layout: Layout, state: State) -> bool:
     return state.complete and all(c.ok for c in check_all(layout, state))
 
 
-def _wait_part(layout: Layout, state: State, name: str, timeout: float = PART_TIMEOUT) -> None:
-    probe = part_checks(layout, state)[name]
-    rec = state.proc(name)
+def _wait(name: str, probe: Callable[[], tuple[bool, str]], rec: ProcRecord | None,
+          timeout: float = PART_TIMEOUT, state: State | None = None) -> None:  # fmt: skip
     last = [""]
     t0 = time.monotonic()
 
@@ -359,6 +489,12 @@ def _wait_part(layout: Layout, state: State, name: str, timeout: float = PART_TI
             f"last lines of {log}:\n{tail(log)}"
         )
     _say(f"{name} is healthy ({time.monotonic() - t0:.1f}s)")
+    if state is not None:
+        state.timings[name] = round(time.time() - state.started_at, 2)
+
+
+def _wait_part(layout: Layout, state: State, name: str, timeout: float = PART_TIMEOUT) -> None:
+    _wait(name, part_checks(layout, state)[name], state.proc(name), timeout, state)
 
 
 # --------------------------------------------------------------------------- files
@@ -398,20 +534,31 @@ def _render(template: Path, dest: Path, **values: object) -> str:
 
 def env_values(layout: Layout, state: State) -> dict[str, str]:
     p = state.ports
+    plan = state.plan or AddressPlan(0)
+    refs = state.images
     values = {
         "KUBECONFIG": str(layout.kubeconfig),
         "PUBSUB_EMULATOR_HOST": f"127.0.0.1:{p['pubsub']}",
         "PUBSUB_PROJECT_ID": PUBSUB_PROJECT_ID,
-        "COREDNS_ADDR": f"127.0.0.1:{p['dns']}",
-        "COREDNS_UPSTREAM_ADDR": f"127.0.0.1:{p['upstream_dns']}",
-        "COREDNS_IMPORT_DIR": str(layout.projected("kube-system", "egress-gateway-dns")),
-        # What the reconciler checks the Corefile for (reconcile.settings COREDNS_IMPORT_PATH).
-        "COREDNS_IMPORT_PATH": str(layout.projected("kube-system", "egress-gateway-dns"))
-        + "/*.override",
+        # Cluster DNS (the CoreDNS pod behind kube-dns), reachable from the machine.
+        "COREDNS_ADDR": f"{plan.cluster_dns_ip}:53",
+        "COREDNS_UPSTREAM_ADDR": f"{plan.upstream_dns_ip}:53",
+        # Where the CoreDNS pod sees our rules ConfigMap (the product's default).
+        "COREDNS_IMPORT_PATH": "/etc/coredns/egress-gateways/*.override",
+        "ENVOY_IMAGE": refs.get("envoy", ""),
+        "EGRESS_DEV_CLIENT_IMAGE": refs.get("client", ""),
+        "EGRESS_DEV_UPSTREAM_NAME": node.UPSTREAM_NAME,
+        "EGRESS_DEV_UPSTREAM_IP": plan.upstream_ip,
+        "EGRESS_DEV_UPSTREAM_TCP_PORT": str(node.UPSTREAM_TCP_PORT),
+        "EGRESS_DEV_UPSTREAM_UDP_PORT": str(node.UPSTREAM_UDP_PORT),
         "EGRESS_DEV_UPSTREAM_HOSTS": str(layout.upstream / "hosts"),
+        "EGRESS_DEV_NODE": node.NODE_NAME,
+        "EGRESS_DEV_NODE_NETNS": plan.node_netns,
+        "EGRESS_DEV_POD_CIDR": plan.pod_cidr,
+        "EGRESS_DEV_SERVICE_CIDR": plan.service_cidr,
         "EGRESS_DEV_DIR": str(layout.dev),
         "EGRESS_DEV_BIN_DIR": state.bin_dir,
-        "EGRESS_DEV_API_SERVER": f"https://127.0.0.1:{p['apiserver']}",
+        "EGRESS_DEV_API_SERVER": f"https://{plan.host_ip}:{p['apiserver']}",
     }
     for ident in IDENTITIES:
         key = "KUBECONFIG_" + ident.removeprefix("egress-").upper()
@@ -427,7 +574,9 @@ def _write_env(layout: Layout, state: State) -> None:
     tmp.replace(layout.env_file)
 
 
-def _kubectl(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
+def _kubectl(
+    layout: Layout, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         raise DevStackError("infra: kubectl is not installed (needed to apply infra/)")
@@ -435,6 +584,7 @@ def _kubectl(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
         [kubectl, f"--kubeconfig={layout.kubeconfig}", *args],
         capture_output=True,
         text=True,
+        input=stdin,
         check=False,
     )
 
@@ -442,6 +592,7 @@ def _kubectl(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
 # What `dev up` installs: the CRD, the gateway namespace and the RBAC bound to the stack's
 # certificate users (a kustomize overlay; see infra/).
 DEV_OVERLAY = ("overlays", "dev")
+NODE_KUSTOMIZATION = ("dev", "node")
 CRD_FILE = ("crd", "externalservices.yaml")
 
 
@@ -468,21 +619,31 @@ def apply_infra(layout: Layout) -> None:
         raise DevStackError(f"infra: CRDs not Established:\n{res.stderr.strip()}")
 
 
-def _put_configmap(layout: Layout, namespace: str, name: str, data: dict[str, str]) -> None:
-    from kubernetes import client, config
+def node_manifests(layout: Layout, plan: AddressPlan, coredns_image: str) -> str:
+    """infra/dev/node with the slot's cluster DNS address and the local CoreDNS image."""
+    import yaml
 
-    api = client.CoreV1Api(config.new_client_from_config(config_file=str(layout.kubeconfig)))
-    body = client.V1ConfigMap(
-        metadata=client.V1ObjectMeta(name=name, namespace=namespace), data=data
-    )
-    try:
-        api.create_namespaced_config_map(namespace, body)
-    except client.ApiException as exc:
-        if exc.status != 409:
-            raise DevStackError(
-                f"coredns: cannot create ConfigMap {namespace}/{name}: {exc}"
-            ) from exc
-        api.replace_namespaced_config_map(name, namespace, body)
+    path = layout.infra.joinpath(*NODE_KUSTOMIZATION)
+    res = _kubectl(layout, "kustomize", str(path))
+    if res.returncode != 0:
+        raise DevStackError(f"infra: kustomize {path} failed:\n{res.stderr.strip()}")
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    for doc in docs:
+        if doc["kind"] == "Service" and doc["metadata"]["name"] == "kube-dns":
+            doc["spec"]["clusterIP"] = plan.cluster_dns_ip
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "coredns":
+            doc["spec"]["template"]["spec"]["containers"][0]["image"] = coredns_image
+    return str(yaml.safe_dump_all(docs, sort_keys=False))
+
+
+def apply_node_manifests(layout: Layout, plan: AddressPlan, coredns_image: str) -> None:
+    res = _kubectl(
+        layout, "apply", "--server-side", "--force-conflicts",
+        "--field-manager=egressctl-dev", "-f", "-",
+        stdin=node_manifests(layout, plan, coredns_image),
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise DevStackError(f"infra: applying infra/dev/node failed:\n{res.stderr.strip()}")
 
 
 def _wait_default_service_account(layout: Layout) -> None:
@@ -505,9 +666,17 @@ def _wait_default_service_account(layout: Layout) -> None:
 
 def _clean_leftovers(layout: Layout, state: State | None) -> None:
     if state is not None:
-        stopped = [rec.name for rec in reversed(state.procs) if stop(rec)]
+        stopped = [rec.name for rec in reversed(state.procs) if stop(rec, timeout=5.0)]
         if stopped:
             _say(f"stopped leftovers of a previous run: {', '.join(stopped)}")
+        removed = node.teardown(state.plan, layout.node)
+        if removed:
+            _say(f"removed leftovers of the node: {', '.join(removed)}")
+    elif layout.node.root.exists():
+        removed = node.teardown(None, layout.node)
+        if removed:
+            _say(f"removed leftovers of the node: {', '.join(removed)}")
+    shutil.rmtree(layout.node.root, ignore_errors=True)
     if layout.dev.exists():
         shutil.rmtree(layout.dev)
 
@@ -518,7 +687,8 @@ def _stop_on_failure(layout: Layout, state: State) -> Iterator[None]:
         yield
     except BaseException:
         for rec in reversed(state.procs):
-            stop(rec)
+            stop(rec, timeout=5.0)
+        node.teardown(state.plan, layout.node)
         state.complete = False
         save_state(layout, state)
         raise
@@ -533,35 +703,58 @@ def up(layout: Layout) -> State:
         apply_infra(layout)
         _say(f"already up and healthy; source {layout.env_file}")
         return existing
+    if os.geteuid() != 0:
+        raise DevStackError("the node needs root (network namespaces, containerd, kubelet)")
+    node.ensure_packages(_say)
     bin_dir = ensure_binaries(layout)  # before cleaning: a failed build keeps nothing
+    archives = build_images(bin_dir)
+    refs = image_refs(bin_dir)
     _clean_leftovers(layout, existing)
-    for d in (layout.pki, layout.logs, layout.dns, layout.upstream):
+    for d in (layout.pki, layout.logs, layout.upstream, layout.node.root):
         d.mkdir(parents=True, exist_ok=True)
 
-    ports = free_ports(
-        ["etcd", "etcd_peer", "apiserver", "kcm", "dns", "coredns_health", "coredns_ready",
-         "upstream_dns", "pubsub"],
-        udp_too={"dns", "upstream_dns"},
-    )  # fmt: skip
-    state = State(bin_dir=str(bin_dir), ports=ports, started_at=time.time())
+    slot = node.free_slot(existing.slot if existing is not None and existing.slot >= 0 else None)
+    plan = AddressPlan(slot)
+    ports = free_ports(["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "pubsub"], set())
+    state = State(bin_dir=str(bin_dir), slot=slot, ports=ports, images=refs, started_at=time.time())
     save_state(layout, state)
     b = bin_dir
     logs = layout.logs
+    npaths = layout.node
 
-    def start(name: str, argv: list[str], **kw: Any) -> None:
+    def start(name: str, argv: list[str], netns: str | None = None, **kw: Any) -> None:
+        if netns is not None:
+            argv = node.in_netns(netns, argv)
         state.procs.append(spawn(name, argv, logs / f"{name}.log", **kw))
         save_state(layout, state)
 
     with _stop_on_failure(layout, state):
-        # PKI: one CA for serving and client certs keeps the kubeconfigs simple.
+        _say(f"creating the node's network (slot {slot}: {plan.node_netns}, {plan.inet_netns})")
+        node.setup_network(plan)
+
         ca = pki.CertificateAuthority(layout.pki, "ca")
         serving = ca.issue(
-            "apiserver", "kube-apiserver", server=True, ips=("127.0.0.1", "10.96.0.1"),
+            "apiserver", "kube-apiserver", server=True,
+            ips=("127.0.0.1", plan.host_ip, plan.api_service_ip),
             dns_names=("localhost", "kubernetes", "kubernetes.default",
                        "kubernetes.default.svc", f"kubernetes.default.svc.{CLUSTER_DOMAIN}"),
         )  # fmt: skip
         admin = ca.issue("admin", "egress-dev-admin", organizations=("system:masters",))
         kcm_cert = ca.issue("kcm", "system:kube-controller-manager")
+        sched_cert = ca.issue("scheduler", "system:kube-scheduler")
+        kubelet_cert = ca.issue(
+            "kubelet", f"system:node:{node.NODE_NAME}", organizations=("system:nodes",)
+        )
+        ca.issue(
+            "kubelet-serving", node.NODE_NAME, server=True, ips=(plan.node_ip,),
+            dns_names=(node.NODE_NAME,),
+        )  # fmt: skip
+        kubelet_client = ca.issue(
+            "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+            organizations=("system:masters",),
+        )  # fmt: skip
+        proxy_cert = ca.issue("kube-proxy", "system:kube-proxy")
+        router_cert = ca.issue("kube-router", "system:kube-router")
         ident_certs = {i: ca.issue(i, i) for i in IDENTITIES}
         sa = pki.service_account_keys(layout.pki)
         # The aggregation layer's CA, as kubeadm sets it up: it fills the requestheader
@@ -581,23 +774,39 @@ def up(layout: Layout) -> State:
         ])  # fmt: skip
         # The JVM is the slowest starter: launch it now, check it at the end.
         start("pubsub", pubsub_emulator_command(ports["pubsub"]))
+
+        # containerd needs no API server: start it now and import the images meanwhile.
+        cni_bin = node.cni_bin_dir()
+        npaths.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+        (npaths.cni_conf_dir / "10-egdev.conflist").write_text(node.cni_conflist(plan, npaths))
+        npaths.containerd_config.parent.mkdir(parents=True, exist_ok=True)
+        npaths.containerd_config.write_text(node.containerd_config(npaths, cni_bin, refs["pause"]))
+        start("containerd", [
+            shutil.which("containerd") or "containerd",
+            f"--config={npaths.containerd_config}", "--log-level=warn",
+        ], netns=plan.node_netns)  # fmt: skip
         _wait_part(layout, state, "etcd")
 
         _say("starting kube-apiserver")
-        server = f"https://127.0.0.1:{ports['apiserver']}"
+        server = f"https://{plan.host_ip}:{ports['apiserver']}"
         start("kube-apiserver", [
             str(b / "kube-apiserver"),
             f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
-            "--advertise-address=127.0.0.1", "--endpoint-reconciler-type=none",
+            f"--bind-address={plan.host_ip}", f"--secure-port={ports['apiserver']}",
+            f"--advertise-address={plan.host_ip}",
             f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
             f"--client-ca-file={ca.pair.cert}",
             f"--service-account-key-file={sa.cert}",
             f"--service-account-signing-key-file={sa.key}",
             f"--service-account-issuer=https://kubernetes.default.svc.{CLUSTER_DOMAIN}",
-            "--authorization-mode=RBAC",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
+            f"--service-cluster-ip-range={plan.service_cidr}",
             "--allow-privileged=true",
+            f"--kubelet-client-certificate={kubelet_client.cert}",
+            f"--kubelet-client-key={kubelet_client.key}",
+            f"--kubelet-certificate-authority={ca.pair.cert}",
+            "--kubelet-preferred-address-types=InternalIP",
             f"--requestheader-client-ca-file={front_ca.pair.cert}",
             "--requestheader-allowed-names=front-proxy-client",
             "--requestheader-username-headers=X-Remote-User",
@@ -608,17 +817,33 @@ def up(layout: Layout) -> State:
             f"--cert-dir={layout.pki / 'apiserver-generated'}",
             "--profiling=false",
         ])  # fmt: skip
+        _wait_part(layout, state, "containerd")
+        t0 = time.monotonic()
+        images.import_images(
+            shutil.which("ctr") or "ctr", str(npaths.containerd_socket), list(archives.values())
+        )
+        _say(f"images imported into the node ({time.monotonic() - t0:.1f}s)")
+        state.timings["images-imported"] = round(time.time() - state.started_at, 2)
         _wait_part(layout, state, "kube-apiserver")
+        node.guard_pods(plan, ports["apiserver"])
 
         _kubeconfig(layout.kubeconfig, server, ca.pair.cert, admin, "egress-dev-admin")
-        kcm_kubeconfig = layout.dev / "kubeconfig-kube-controller-manager"
-        _kubeconfig(
-            kcm_kubeconfig, server, ca.pair.cert, kcm_cert, "system:kube-controller-manager"
-        )
+        kc = {
+            "kube-controller-manager": (kcm_cert, "system:kube-controller-manager"),
+            "kube-scheduler": (sched_cert, "system:kube-scheduler"),
+            "kubelet": (kubelet_cert, f"system:node:{node.NODE_NAME}"),
+            "kube-proxy": (proxy_cert, "system:kube-proxy"),
+            "kube-router": (router_cert, "system:kube-router"),
+        }
+        kubeconfigs = {}
+        for part, (cert, user) in kc.items():
+            kubeconfigs[part] = layout.dev / f"kubeconfig-{part}"
+            _kubeconfig(kubeconfigs[part], server, ca.pair.cert, cert, user)
         for ident, cert in ident_certs.items():
             _kubeconfig(layout.identity_kubeconfig(ident), server, ca.pair.cert, cert, ident)
 
-        _say("starting kube-controller-manager")
+        _say("starting kube-controller-manager and kube-scheduler")
+        kcm_kubeconfig = kubeconfigs["kube-controller-manager"]
         start("kube-controller-manager", [
             str(b / "kube-controller-manager"),
             f"--kubeconfig={kcm_kubeconfig}",
@@ -631,56 +856,84 @@ def up(layout: Layout) -> State:
             f"--root-ca-file={ca.pair.cert}",
             f"--cluster-signing-cert-file={ca.pair.cert}",
             f"--cluster-signing-key-file={ca.pair.key}",
-            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            f"--service-cluster-ip-range={plan.service_cidr}",
+            "--allocate-node-cidrs=true", f"--cluster-cidr={plan.pod_cidr}",
+            "--node-cidr-mask-size=24",
+            "--leader-elect=false",
+            "--profiling=false",
+        ])  # fmt: skip
+        sched_kubeconfig = kubeconfigs["kube-scheduler"]
+        start("kube-scheduler", [
+            str(b / "kube-scheduler"),
+            f"--kubeconfig={sched_kubeconfig}",
+            f"--authentication-kubeconfig={sched_kubeconfig}",
+            f"--authorization-kubeconfig={sched_kubeconfig}",
+            "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}",
             "--leader-elect=false",
             "--profiling=false",
         ])  # fmt: skip
 
-        apply_infra(layout)
+        _say("starting the node: kubelet, kube-proxy, kube-router")
+        npaths.resolv_conf.write_text(node.resolv_conf(plan))
+        npaths.kubelet_config.write_text(
+            node.kubelet_config(plan, npaths, layout.pki, KUBELET_SYNC_S)
+        )
+        start("kubelet", [
+            str(b / "kubelet"),
+            f"--config={npaths.kubelet_config}",
+            f"--kubeconfig={kubeconfigs['kubelet']}",
+            f"--root-dir={npaths.kubelet_root}",
+            f"--cert-dir={npaths.root / 'kubelet-pki'}",
+            f"--hostname-override={node.NODE_NAME}",
+            f"--node-ip={plan.node_ip}",
+            "--v=1",
+        ], netns=plan.node_netns)  # fmt: skip
+        npaths.kube_proxy_config.write_text(node.kube_proxy_config(plan, kubeconfigs["kube-proxy"]))
+        start("kube-proxy", [
+            str(b / "kube-proxy"), f"--config={npaths.kube_proxy_config}", "--v=1",
+        ], netns=plan.node_netns)  # fmt: skip
+        start("kube-router", [
+            str(b / "kube-router"),
+            f"--kubeconfig={kubeconfigs['kube-router']}",
+            f"--hostname-override={node.NODE_NAME}",
+            "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
+            f"--service-cluster-ip-range={plan.service_cidr}",
+            "--health-port=20244", "--metrics-port=0", "--v=1",
+        ], netns=plan.node_netns)  # fmt: skip
 
-        # Cluster DNS: the Corefile is a ConfigMap, projected to disk like kubelet does.
-        import_dir = layout.projected("kube-system", "egress-gateway-dns")
-        corefile = _render(
-            layout.infra / "dev" / "coredns" / "Corefile.tmpl",
-            layout.dev / "Corefile.rendered",
-            DNS_PORT=ports["dns"], HEALTH_PORT=ports["coredns_health"],
-            READY_PORT=ports["coredns_ready"], CLUSTER_DOMAIN=CLUSTER_DOMAIN,
-            KUBECONFIG=layout.kubeconfig, IMPORT_DIR=import_dir,
-            UPSTREAM_PORT=ports["upstream_dns"],
-        )  # fmt: skip
-        _put_configmap(layout, "kube-system", "coredns", {"Corefile": corefile})
-        sync_config = layout.dev / "configsync.json"
-        listed = json.loads((layout.infra / "dev" / "projected-configmaps.json").read_text())
-        sync_config.write_text(json.dumps([
-            {**p, "dir": str(layout.projected(p["namespace"], p["name"]))} for p in listed
-        ], indent=2))  # fmt: skip
-        start("configsync", [
-            sys.executable, "-m", "egressctl.devstack.configsync",
-            f"--kubeconfig={layout.kubeconfig}", f"--config={sync_config}",
-        ], cwd=layout.repo)  # fmt: skip
-        _wait_part(layout, state, "configsync")
-
+        _say("starting the offline internet (upstream DNS and test services)")
         hosts = layout.upstream / "hosts"
-        shutil.copyfile(layout.infra / "dev" / "coredns" / "upstream.hosts", hosts)
+        base_hosts = (layout.infra / "dev" / "coredns" / "upstream.hosts").read_text()
+        hosts.write_text(node.upstream_hosts(plan, base_hosts))
         _render(
             layout.infra / "dev" / "coredns" / "upstream.Corefile.tmpl",
             layout.upstream / "Corefile",
-            UPSTREAM_PORT=ports["upstream_dns"], HOSTS_FILE=hosts,
+            UPSTREAM_ADDR=plan.upstream_dns_ip, HOSTS_FILE=hosts,
             ROOT_ZONE=layout.infra / "dev" / "coredns" / "upstream-root.db",
         )  # fmt: skip
         start("dns-upstream", [
             str(b / "coredns"), "-conf", str(layout.upstream / "Corefile"),
-        ], cwd=layout.upstream)  # fmt: skip
-        _wait_part(layout, state, "dns-upstream")
+        ], netns=plan.inet_netns, cwd=layout.upstream)  # fmt: skip
+        start("upstream", [
+            sys.executable, "-m", "egressctl.devstack.upstream", f"--bind={plan.upstream_ip}",
+            f"--tcp={node.UPSTREAM_TCP_PORT}", f"--udp={node.UPSTREAM_UDP_PORT}",
+        ], netns=plan.inet_netns, cwd=layout.repo)  # fmt: skip
 
-        coredns_conf = layout.projected("kube-system", "coredns") / "Corefile"
-        start("coredns", [str(b / "coredns"), "-conf", str(coredns_conf)], cwd=layout.dev)
         _wait_part(layout, state, "kube-controller-manager")
+        _wait_part(layout, state, "kube-scheduler")
+        apply_infra(layout)
+        apply_node_manifests(layout, plan, refs["coredns"])
+        _wait_part(layout, state, "dns-upstream")
+        _wait_part(layout, state, "upstream")
+        _wait_part(layout, state, "kubelet")
+        _wait_part(layout, state, "kube-proxy")
+        _wait_part(layout, state, "kube-router")
         _wait_default_service_account(layout)
-        _wait_part(layout, state, "coredns")
+        _wait("cluster-dns", lambda: cluster_dns_ok(state), None, state=state)
         _wait_part(layout, state, "pubsub")
 
         state.complete = True
+        state.timings["up"] = round(time.time() - state.started_at, 2)
         save_state(layout, state)
         _write_env(layout, state)
     _say(f"stack is up in {time.monotonic() - t_start:.1f}s; source {layout.env_file}")
@@ -688,16 +941,24 @@ def up(layout: Layout) -> State:
 
 
 def down(layout: Layout) -> int:
-    """Stop exactly the recorded processes; returns how many were stopped."""
+    """Stop exactly the recorded processes and remove the node; returns how many stopped."""
     state = load_state(layout)
     if state is None:
         _say("nothing recorded in .cache/dev/state.json; nothing to stop")
         return 0
     stopped = 0
     for rec in reversed(state.procs):
-        if stop(rec):
+        if stop(rec, timeout=10.0):
             stopped += 1
             _say(f"stopped {rec.name} (pid {rec.pid})")
+    removed = node.teardown(state.plan, layout.node)
+    if removed:
+        _say(f"removed {', '.join(removed)}")
+    left = node.leftovers(state.plan, layout.node) if state.plan else []
+    if left:
+        raise DevStackError("dev down left these behind: " + "; ".join(left))
+    # Containers' state lives under the node folder: gone with it, nothing else keeps it.
+    shutil.rmtree(layout.node.root, ignore_errors=True)
     state.complete = False
     state.procs = []
     save_state(layout, state)

@@ -45,6 +45,10 @@ targets=(
   "coredns|coredns|github.com/coredns/coredns"
   "kube-apiserver|kubernetes|k8s.io/kubernetes/cmd/kube-apiserver"
   "kube-controller-manager|kubernetes|k8s.io/kubernetes/cmd/kube-controller-manager"
+  "kube-scheduler|kubernetes|k8s.io/kubernetes/cmd/kube-scheduler"
+  "kube-proxy|kubernetes|k8s.io/kubernetes/cmd/kube-proxy"
+  "kubelet|kubernetes|k8s.io/kubernetes/cmd/kubelet"
+  "kube-router|kube-router|github.com/cloudnativelabs/kube-router/v2/cmd/kube-router"
 )
 
 case "${1:-}" in
@@ -102,7 +106,7 @@ done
 {
   echo "go=$go_version"
   for d in "$modules"/*/; do
-    grep -hE '^\s*(k8s.io/kubernetes|go.etcd.io/etcd/server/v3|github.com/coredns/coredns) v' "$d/go.mod" || true
+    grep -hE '^\s*(k8s.io/kubernetes|go.etcd.io/etcd/server/v3|github.com/coredns/coredns|github.com/cloudnativelabs/kube-router/v2) v' "$d/go.mod" || true
   done
 } >"$out/PINS"
 touch "$out/.complete"

@@ -28,7 +28,6 @@ def pipeline(dev_stack: DevStack) -> Iterator[LocalPipeline]:
             state_dir=state_dir,
             delete_grace_s=DELETE_GRACE_S,
             sweep_interval_s=None,  # tests trigger sweeps themselves
-            ready_pods=False,  # tests write readiness themselves
             extra_env={"DELETE_GRACE_SECONDS": str(DELETE_GRACE_S)},
             exporter_watch_timeout_s=30,
             say=lines.append,

@@ -118,7 +118,9 @@ def test_create_update_delete_converge_with_no_manual_call(
     eventually(two_ports, CONVERGE_S, "the Service to get the new port")
     eventually(converged(admin, es_name), CONVERGE_S, "status to follow the update")
 
-    # Readiness is a Deployment change: the exporter's notice moves the hijack state.
+    # Readiness is a Deployment change: the exporter's notice moves the hijack state. The
+    # real pods are held unready first (Envoy fails its probe on purpose), then let go.
+    set_pods_ready(admin, es_name, False)
     update_spec(admin, es_name, {"hijackDns": True})
     eventually(
         lambda: (

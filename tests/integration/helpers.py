@@ -1,13 +1,17 @@
-"""Helpers shared by the cluster tests: polling with a deadline, ExternalServices, pod readiness."""
+"""Helpers shared by the cluster tests: polling with a deadline, ExternalServices, settings for
+the dev node, and real pod readiness."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from reconcile import constants as c
 from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, Resource
+from reconcile.settings import Settings
 
 T = TypeVar("T")
 GATEWAY_NS = "egress-operator-system"
@@ -72,39 +76,51 @@ def children(admin: Kube, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def set_pods_ready(admin: Kube, name: str, ready: bool, timeout_s: float = 30.0) -> None:
-    """Mark the gateway's pods Ready (or not) the way a kubelet would, and wait for the Deployment.
+def dev_settings(**overrides: Any) -> Settings:
+    """Reconciler settings for the dev node: its locally built Envoy image (nothing is ever
+    pulled there), everything else the product's defaults unless overridden."""
+    overrides.setdefault("envoy_image", os.environ["ENVOY_IMAGE"])
+    return Settings(**overrides)
 
-    There is no kubelet in the local control plane, so the pods' status is written directly; the
-    real ReplicaSet and Deployment controllers then derive the Deployment's readyReplicas.
+
+def gateway_pods(admin: Kube, name: str) -> list[dict[str, Any]]:
+    items, _ = admin.list_all(POD, GATEWAY_NS, label_selector=f"{c.LABEL_GATEWAY}={name}")
+    return [p for p in items if not p["metadata"].get("deletionTimestamp")]
+
+
+def envoy_admin(pod: dict[str, Any], path: str) -> subprocess.CompletedProcess[str]:
+    """POST to the Envoy admin API inside a gateway pod (kubectl exec: API server, kubelet,
+    containerd), as an operator would."""
+    port = pod["metadata"]["annotations"][c.ANNOTATION_ADMIN_PORT]
+    return subprocess.run(
+        ["kubectl", "exec", "-n", GATEWAY_NS, pod["metadata"]["name"], "--",
+         "wget", "-q", "-O-", "--post-data=", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def set_pods_ready(admin: Kube, name: str, ready: bool, timeout_s: float = 120.0) -> None:
+    """Make the gateway's real pods Ready (or not) and wait for the Deployment to follow.
+
+    Ready comes from Envoy passing its readiness probe. Unready is Envoy failing it on
+    purpose (admin ``/healthcheck/fail`` turns ``/ready`` into 503); ready again undoes that.
+    Pods that appear meanwhile (a rollout) are treated the same as they start. The kubelet
+    probes every 10 s and needs 3 failures, so unready takes up to about 30 s.
     """
+    path = "/healthcheck/ok" if ready else "/healthcheck/fail"
+    done: set[str] = set()
 
-    def pods() -> list[dict[str, Any]] | None:
-        items, _ = admin.list_all(POD, GATEWAY_NS, label_selector=f"{c.LABEL_GATEWAY}={name}")
-        return items or None
-
-    status = "True" if ready else "False"
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for pod in eventually(pods, timeout_s, f"pods of {name}"):
-        admin.merge_patch(
-            POD,
-            pod["metadata"]["name"],
-            {
-                "status": {
-                    "phase": "Running",
-                    "conditions": [
-                        {"type": "Ready", "status": status, "lastTransitionTime": now},
-                        {"type": "ContainersReady", "status": status, "lastTransitionTime": now},
-                    ],
-                }
-            },
-            GATEWAY_NS,
-            subresource="status",
-        )
-
-    def deployment_matches() -> bool:
+    def converged() -> bool:
+        for pod in gateway_pods(admin, name):
+            uid = pod["metadata"]["uid"]
+            if uid in done or (pod.get("status") or {}).get("phase") != "Running":
+                continue
+            if envoy_admin(pod, path).returncode == 0:
+                done.add(uid)
         dep = admin.get(DEPLOYMENT, name, GATEWAY_NS) or {}
         ready_replicas = int((dep.get("status") or {}).get("readyReplicas") or 0)
-        return ready_replicas >= 1 if ready else ready_replicas == 0
+        return bool(done) and (ready_replicas >= 1 if ready else ready_replicas == 0)
 
-    eventually(deployment_matches, timeout_s, f"Deployment {name} readyReplicas to follow the pods")
+    eventually(
+        converged, timeout_s, f"Deployment {name} to have {'a' if ready else 'no'} Ready pod"
+    )

@@ -19,6 +19,7 @@ from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,
     create_es,
+    dev_settings,
     eventually,
     external_service,
     purge,
@@ -34,9 +35,7 @@ DNS_DEADLINE_S = 30
 
 @pytest.fixture(scope="module")
 def settings(dev_stack: DevStack) -> Settings:
-    return Settings(
-        delete_grace_s=0, coredns_import_path=f"{dev_stack.env['COREDNS_IMPORT_DIR']}/*.override"
-    )
+    return dev_settings(delete_grace_s=0, coredns_import_path=dev_stack.env["COREDNS_IMPORT_PATH"])
 
 
 @pytest.fixture

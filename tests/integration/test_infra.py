@@ -39,6 +39,7 @@ from tests.integration.helpers import (
     GATEWAY_NS,
     children,
     create_es,
+    dev_settings,
     eventually,
     external_service,
     purge,
@@ -72,7 +73,7 @@ EXPORTER = {
     "gke": Subject("ServiceAccount", "egress-exporter", GATEWAY_NS),
     "kind": Subject("ServiceAccount", "egress-exporter", GATEWAY_NS),
 }
-SETTINGS = Settings()
+SETTINGS = Settings()  # names and paths only: the product's defaults
 FIXED_NAMES = frozenset({SETTINGS.dns_configmap_name, SETTINGS.coredns_configmap_name})
 
 
@@ -244,11 +245,11 @@ def _reconciler_scenarios(
     )
     kube = Kube(api)
     clock = Clock()
-    settings = Settings(
+    settings = dev_settings(
         delete_grace_s=60,
         enable_pdb=True,
         manage_coredns_import=True,
-        coredns_import_path=f"{dev_stack.env['COREDNS_IMPORT_DIR']}/*.override",
+        coredns_import_path=dev_stack.env["COREDNS_IMPORT_PATH"],
     )
     reconciler = build_reconciler(kube, settings, clock=clock)
     import_line = f"import {settings.coredns_import_path}"

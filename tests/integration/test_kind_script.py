@@ -96,7 +96,6 @@ def test_the_pipeline_arguments_parse_into_the_identities_kubeconfigs(tmp_path: 
     assert config.dev_env["KUBECONFIG_RECONCILER"] == str(state / "kubeconfig-egress-reconciler")
     assert config.dev_env["KUBECONFIG_EXPORTER"] == str(state / "kubeconfig-egress-exporter")
     assert config.dev_env["PUBSUB_EMULATOR_HOST"] == "127.0.0.1:8685"
-    assert config.ready_pods is False, "kind has kubelets"
     assert config.extra_env["MANAGE_COREDNS_IMPORT"] == "true"
     assert int(config.extra_env["DELETE_GRACE_SECONDS"]) >= 120
 

@@ -24,13 +24,13 @@ from reconcile.kube import (
     Resource,
     api_client_from_kubeconfig,
 )
-from reconcile.settings import Settings
 from tests.conftest import DevStack
 from tests.integration.faultproxy import Fault, FaultProxy
 from tests.integration.helpers import (
     GATEWAY_NS,
     children,
     create_es,
+    dev_settings,
     eventually,
     external_service,
     purge,
@@ -58,7 +58,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def reconciler(as_reconciler: Kube, clock: Clock) -> Reconciler:
-    return Reconciler(as_reconciler, Settings(delete_grace_s=60), clock=clock)
+    return Reconciler(as_reconciler, dev_settings(delete_grace_s=60), clock=clock)
 
 
 @pytest.fixture
@@ -205,7 +205,7 @@ def test_sweep_repairs_hand_made_drift_and_reports_it(
     live = children(admin, es_name)
     assert (
         live["Deployment"]["spec"]["template"]["spec"]["containers"][0]["image"]
-        == Settings().envoy_image
+        == dev_settings().envoy_image
     )
     assert "tampered" not in live["ConfigMap"]["data"]["envoy.yaml"]
     assert "NetworkPolicy" in live
@@ -256,7 +256,7 @@ def test_garbage_collector_removes_children_of_a_deleted_owner(
 def test_sweep_prunes_orphans_and_switched_off_kinds_but_never_foreign_objects(
     admin: Kube, as_reconciler: Kube, clock: Clock, es_name: str, unique: str
 ) -> None:
-    with_pdb = Reconciler(as_reconciler, Settings(enable_pdb=True), clock=clock)
+    with_pdb = Reconciler(as_reconciler, dev_settings(enable_pdb=True), clock=clock)
     create_es(admin, external_service(es_name))
     with_pdb.reconcile(es_name)
     assert "PodDisruptionBudget" in children(admin, es_name)
@@ -282,7 +282,7 @@ def test_sweep_prunes_orphans_and_switched_off_kinds_but_never_foreign_objects(
         },
     )
     try:
-        report = Reconciler(as_reconciler, Settings(), clock=clock).sweep()
+        report = Reconciler(as_reconciler, dev_settings(), clock=clock).sweep()
         pruned = {(ch.kind, ch.name) for ch in report.pruned}
         assert ("ConfigMap", orphan) in pruned
         mine = next(r for r in report.results if r.name == es_name)
@@ -364,6 +364,9 @@ def test_every_hijack_transition_follows_live_readiness(
     create_es(admin, external_service(es_name, hijackDns=False))
     reconciler.reconcile(es_name)
     assert label() == "false"
+    # Real pods turn Ready by themselves: hold them unready (Envoy fails its probe on purpose)
+    # so that the waiting state is observed rather than raced.
+    set_pods_ready(admin, es_name, False)
     update_spec(admin, es_name, {"hijackDns": True})
     reconciler.reconcile(es_name)
     assert label() == "waiting-for-pods"  # false -> waiting (not ready)
@@ -419,7 +422,7 @@ def test_concurrent_reconciles_of_one_object_both_succeed(
         assert json.loads(out)[0]["outcome"] in (Outcome.CONVERGED, Outcome.IN_SYNC)
     final = Reconciler(
         Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler"))),
-        Settings(),
+        dev_settings(),
     )
     assert final.reconcile(es_name).outcome == Outcome.IN_SYNC
     live = children(admin, es_name)
@@ -487,7 +490,7 @@ def test_converges_through_injected_faults(
     for fault in faults(es_name):
         proxy.inject(fault)
     slept: list[float] = []
-    result = Reconciler(_kube_via(proxy, slept), Settings()).reconcile(es_name)
+    result = Reconciler(_kube_via(proxy, slept), dev_settings()).reconcile(es_name)
     assert proxy.injected, "the faults must actually have been hit"
     assert result.outcome == Outcome.CONVERGED
     assert set(children(admin, es_name)) == KINDS
@@ -503,7 +506,7 @@ def test_persistent_failure_raises_transient_for_redelivery(
     create_es(admin, external_service(es_name))
     proxy.inject(Fault("GET", f"/externalservices/{es_name}", 503, times=100))
     with pytest.raises(TransientError):
-        Reconciler(_kube_via(proxy), Settings()).reconcile(es_name)
+        Reconciler(_kube_via(proxy), dev_settings()).reconcile(es_name)
 
 
 def test_list_restarts_when_a_continue_token_expires(
