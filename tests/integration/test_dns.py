@@ -173,11 +173,17 @@ def test_twenty_concurrent_writers_lose_no_rule(
 ) -> None:
     count = 20
     gateways = [f"par{i:02d}-{unique}" for i in range(count)]
+    # Twenty gateways at the default 100m would not fit the dev node's 2 CPUs at once.
+    small = {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}
     for name in gateways:
         names.append(name)
-        create_es(admin, external_service(name, dnsName=f"{name}.example.com", hijackDns=True))
-        # Services exist and pods are ready before the race, so every writer must add a rule.
+        create_es(
+            admin,
+            external_service(name, dnsName=f"{name}.example.com", hijackDns=True, resources=small),
+        )
         build_reconciler(admin, dataclasses.replace(settings)).reconcile(name)
+    # Services exist and pods are ready before the race, so every writer must add a rule.
+    for name in gateways:
         set_pods_ready(admin, name, True)
 
     def run(name: str) -> str:
