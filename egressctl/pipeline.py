@@ -204,6 +204,24 @@ class LocalPipeline:
             publisher.transport.close()
         return created
 
+    def detach_push(self) -> None:
+        """Turn the push subscriptions into pull ones while no function listens.
+
+        Otherwise the emulator keeps pushing undelivered notices to the stopped functions
+        until they dead-letter, and the emulator's dead-letter path then kills its push
+        threads (a NullPointerException in its PushLoop): every later run would get no
+        pushes. The notices stay queued; the next start points the subscriptions at the
+        functions again (``ensure_pubsub``) and they are delivered then."""
+        publisher, subscriber = self._clients()
+        try:
+            for name in (EVENTS_SUBSCRIPTION, SWEEP_SUBSCRIPTION):
+                subscriber.modify_push_config(
+                    request={"subscription": self.subscription(name), "push_config": {}}
+                )
+        finally:
+            subscriber.close()
+            publisher.transport.close()
+
     def publish(self, topic: str, data: bytes, ordering_key: str = "", **attributes: str) -> str:
         with self._lock:
             if self._publisher is None:
@@ -331,6 +349,8 @@ class LocalPipeline:
             thread.join(timeout=5)
         for name in ["exporter", *FUNCTIONS]:
             self.stop_process(name)
+        with contextlib.suppress(Exception):
+            self.detach_push()
         with contextlib.suppress(FileNotFoundError):
             (self.config.state_dir / STATE_FILE).unlink()
         if self._publisher is not None:
