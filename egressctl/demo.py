@@ -8,9 +8,11 @@ and each one's request, printed with the command that reruns it by hand.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from reconcile import constants as c
@@ -78,33 +80,51 @@ def exec_argv(pod: str, command: str) -> list[str]:
     return ["kubectl", "exec", "-n", DEMO_NAMESPACE, pod, "--", "sh", "-c", command]
 
 
-def apply_demo(kubeconfig: str, env: Mapping[str, str]) -> None:
-    """Create (or keep) the demo ExternalService, namespace and client pods."""
+def apply_demo(kubeconfig: str, env: Mapping[str, str], default_deny: Path) -> None:
+    """Create (or keep) the demo ExternalService, namespace, client pods, and the README's
+    default-deny egress policy in the namespace (so the gateway is the only way out)."""
+    import yaml
+
     docs = [
         demo_external_service(env),
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE}},
         client_pod("granted", env["EGRESS_DEV_CLIENT_IMAGE"], DEMO_NAME),
         client_pod("ungranted", env["EGRESS_DEV_CLIENT_IMAGE"], None),
     ]
-    import yaml
+    base = ["kubectl", f"--kubeconfig={kubeconfig}", "apply", "--server-side",
+            "--field-manager=egressctl-run"]  # fmt: skip
+    for extra, stdin in (
+        (["-f", "-"], yaml.safe_dump_all(docs)),
+        (["-n", DEMO_NAMESPACE, "-k", str(default_deny)], None),
+    ):
+        res = subprocess.run(
+            [*base, *extra], input=stdin, capture_output=True, text=True, check=False
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"applying the demo failed: {res.stderr.strip()}")
 
+
+def gateway_ips(kubeconfig: str) -> set[str]:
     res = subprocess.run(
-        ["kubectl", f"--kubeconfig={kubeconfig}", "apply", "--server-side",
-         "--field-manager=egressctl-run", "-f", "-"],
-        input=yaml.safe_dump_all(docs), capture_output=True, text=True, check=False,
+        ["kubectl", f"--kubeconfig={kubeconfig}", "get", "pods", "-A", "-l",
+         f"{c.LABEL_GATEWAY}={DEMO_NAME}", "-o", "jsonpath={.items[*].status.podIP}"],
+        capture_output=True, text=True, check=False,
     )  # fmt: skip
-    if res.returncode != 0:
-        raise RuntimeError(f"applying the demo failed: {res.stderr.strip()}")
+    return set(res.stdout.split())
 
 
-def probe(kubeconfig: str, pod: str, command: str, expect: str) -> Probe:
+def probe(kubeconfig: str, pod: str, command: str) -> Probe:
+    """Run ``command`` in a demo pod; ok when the upstream answered through a gateway pod."""
+    argv = exec_argv(pod, command)
     res = subprocess.run(
-        [exec_argv(pod, command)[0], f"--kubeconfig={kubeconfig}", *exec_argv(pod, command)[1:]],
+        [argv[0], f"--kubeconfig={kubeconfig}", *argv[1:]],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
-    out = (res.stdout.strip() or res.stderr.strip()).splitlines()
-    text = out[-1] if out else ""
-    return Probe(pod, command, text, expect in res.stdout)
+    lines = res.stdout.strip().splitlines()
+    text = lines[-1] if lines else ""
+    match = re.search(r"peer=([0-9.]+):", text)
+    through_gateway = match is not None and match.group(1) in gateway_ips(kubeconfig)
+    return Probe(pod, command, text, through_gateway)
 
 
 def show(
@@ -115,26 +135,29 @@ def show(
 ) -> bool:
     """Print the granted pod reaching the upstream by name and the ungranted one refused."""
     cmd = tcp_command(env)
-    expect = f"upstream tcp/{env['EGRESS_DEV_UPSTREAM_TCP_PORT']}"
+    direct = (
+        f"echo hi | nc -w 3 {env['EGRESS_DEV_UPSTREAM_IP']} {env['EGRESS_DEV_UPSTREAM_TCP_PORT']}"
+    )
     granted: list[Probe] = []
 
     def granted_gets_through() -> bool:
-        granted[:] = [probe(kubeconfig, "granted", cmd, expect)]
+        granted[:] = [probe(kubeconfig, "granted", cmd)]
         return granted[0].ok
 
     ok = wait(granted_gets_through, 90.0)
-    refused = probe(kubeconfig, "ungranted", cmd, expect)
-    rerun = " ".join(exec_argv("POD", cmd)[:-1]) + f" '{cmd}'"
-    say(f"[run] real traffic on the node (rerun by hand: {rerun})")
+    refused = probe(kubeconfig, "ungranted", cmd)
+    bypass = probe(kubeconfig, "granted", direct)
+    say("[run] real traffic on the node (namespace egress-demo has the README's default-deny "
+        "egress policy); rerun by hand:")  # fmt: skip
     g = granted[0] if granted else Probe("granted", cmd, "", False)
-    say(
-        f"[run]   {DEMO_NAMESPACE}/granted   ({c.GRANT_LABEL_PREFIX + DEMO_NAME}=true) -> "
-        f"{g.output or 'no answer'}"
-        + ("   (peer = the gateway pod)" if g.ok else "   (EXPECTED AN ANSWER)")
-    )
-    say(
-        f"[run]   {DEMO_NAMESPACE}/ungranted (no grant label)  -> "
-        + ("no answer: refused by the gateway's NetworkPolicy" if not refused.ok else
-           f"{refused.output}   (EXPECTED NO ANSWER)")
-    )  # fmt: skip
-    return ok and not refused.ok
+    rows = [
+        ("granted", cmd, g, True, "through the gateway pod"),
+        ("ungranted", cmd, refused, False, "refused by the gateway's NetworkPolicy"),
+        ("granted", direct, bypass, False, "the upstream's own address: denied egress"),
+    ]
+    for pod, command, result, want, meaning in rows:
+        say(f"        {' '.join(exec_argv(pod, '')[:-1])} '{command}'")
+        answered = result.output if "upstream" in result.output else "no answer"
+        verdict = meaning if result.ok == want else "UNEXPECTED"
+        say(f"          -> {answered}   ({verdict})")
+    return ok and not refused.output and not bypass.output
