@@ -33,7 +33,7 @@ from reconcile.kube import (
     api_client_from_kubeconfig,
 )
 from reconcile.settings import Settings
-from tests.integration.helpers import create_es, external_service, set_pods_ready
+from tests.integration.helpers import create_es, dev_settings, external_service, set_pods_ready
 
 NS = "egress-operator-system"
 DOMAIN = "cluster.local"
@@ -149,11 +149,7 @@ def main() -> int:
     with bench_stack() as env:
         admin = Kube(api_client_from_kubeconfig(env["KUBECONFIG"]))
         kube = Kube(api_client_from_kubeconfig(env["KUBECONFIG_RECONCILER"]))
-        settings = Settings(
-            delete_grace_s=0,
-            coredns_import_path=env["COREDNS_IMPORT_PATH"],
-            envoy_image=env["ENVOY_IMAGE"],
-        )
+        settings = dev_settings(delete_grace_s=0, coredns_import_path=env["COREDNS_IMPORT_PATH"])
         bench_delivery(admin, kube, settings, n)
         bench_propagation(
             admin,

@@ -26,8 +26,14 @@ from bench.stack import REPO, bench_stack
 from reconcile import constants as c
 from reconcile.app import build_reconciler
 from reconcile.kube import DEPLOYMENT, Kube, api_client_from_kubeconfig
-from reconcile.settings import Settings
-from tests.integration.helpers import GATEWAY_NS, create_es, eventually, gateway_pods, purge
+from tests.integration.helpers import (
+    GATEWAY_NS,
+    create_es,
+    dev_settings,
+    eventually,
+    gateway_pods,
+    purge,
+)
 
 PREFIX = "benchnode-"
 CLIENT_NS = "bench-node"
@@ -96,11 +102,7 @@ def main() -> int:
     with bench_stack() as env:
         admin = Kube(api_client_from_kubeconfig(env["KUBECONFIG"]))
         kube = Kube(api_client_from_kubeconfig(env["KUBECONFIG_RECONCILER"]))
-        settings = Settings(
-            delete_grace_s=0,
-            envoy_image=env["ENVOY_IMAGE"],
-            coredns_import_path=env["COREDNS_IMPORT_PATH"],
-        )
+        settings = dev_settings(delete_grace_s=0, coredns_import_path=env["COREDNS_IMPORT_PATH"])
         reconciler = build_reconciler(kube, settings)
         names = [f"{PREFIX}{i:02d}" for i in range(n)]
         dns_names = {name: f"{name}.offline.test" for name in names}

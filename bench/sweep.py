@@ -27,17 +27,15 @@ from reconcile import constants as c
 from reconcile.app import build_reconciler
 from reconcile.kube import EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, api_client_from_kubeconfig
 from reconcile.settings import Settings
-from tests.integration.helpers import create_es, external_service
+from tests.integration.helpers import create_es, dev_settings, external_service
 
 PREFIX = "bench-"
 GATEWAY_NS = "egress-operator-system"
 
 
 def _settings() -> Settings:
-    return Settings(
-        delete_grace_s=0,
-        sweep_concurrency=int(os.environ.get("SWEEP_CONCURRENCY", "4")),
-        envoy_image=os.environ["ENVOY_IMAGE"],  # the dev node's; set by bench_stack
+    return dev_settings(  # the dev node's Envoy image (bench_stack exports the env)
+        delete_grace_s=0, sweep_concurrency=int(os.environ.get("SWEEP_CONCURRENCY", "4"))
     )
 
 

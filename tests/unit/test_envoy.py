@@ -19,6 +19,7 @@ from reconcile.envoy import (
 )
 from reconcile.spec import ExternalService, parse_external_service
 from tests.unit.envoy_proto import parse_bootstrap
+from tests.unit.envoy_validate import envoy_validate
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -69,6 +70,25 @@ def test_bootstrap_is_valid_for_envoy(case: str) -> None:
     parsed = parse_bootstrap(bootstrap(svc.name, svc.spec))
     # Round-trip the YAML text too: what the pod reads is the string, not the dict.
     assert parse_bootstrap(yaml.safe_load(bootstrap_yaml(svc.name, svc.spec))) == parsed
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_real_envoy_accepts_the_bootstrap(case: str) -> None:
+    svc = CASES[case]
+    ok, out = envoy_validate(bootstrap_yaml(svc.name, svc.spec))
+    assert ok, out
+
+
+def test_real_envoy_check_can_fail() -> None:
+    config = yaml.safe_load(bootstrap_yaml("google", CASES["tcp"].spec))
+    # Two endpoints in a LOGICAL_DNS cluster: a valid protobuf that Envoy itself refuses.
+    cluster = config["static_resources"]["clusters"][0]
+    assert cluster["type"] == "LOGICAL_DNS"
+    endpoints = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    endpoints.append(endpoints[0])
+    parse_bootstrap(config)
+    ok, out = envoy_validate(yaml.safe_dump(config))
+    assert not ok and "LOGICAL_DNS" in out, out
 
 
 def test_schema_check_can_fail_on_unknown_fields_and_types() -> None:

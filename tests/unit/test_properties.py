@@ -15,6 +15,7 @@ from reconcile.settings import Settings
 from reconcile.spec import parse_external_service
 from reconcile.yamlio import dump_all
 from tests.unit.envoy_proto import parse_bootstrap
+from tests.unit.envoy_validate import envoy_validate
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -94,3 +95,15 @@ def test_any_valid_spec_renders_valid_deterministic_objects(
     for peer in policy["spec"]["ingress"][0]["from"]:
         for key in peer["podSelector"]["matchLabels"]:
             assert len(key.split("/", 1)[1]) <= 63
+
+
+@settings(max_examples=60, deadline=None)
+@given(manifests())
+def test_real_envoy_accepts_any_valid_spec(manifest: dict[str, Any]) -> None:
+    """The pinned Envoy itself loads every generated bootstrap (``--mode validate``)."""
+    es = parse_external_service(manifest)
+    configmap = next(
+        o for o in render(es, Settings(), HijackState.FALSE) if o["kind"] == "ConfigMap"
+    )
+    ok, out = envoy_validate(configmap["data"]["envoy.yaml"])
+    assert ok, out
