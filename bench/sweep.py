@@ -34,8 +34,14 @@ GATEWAY_NS = "egress-operator-system"
 
 
 def _settings() -> Settings:
-    return dev_settings(  # the dev node's Envoy image (bench_stack exports the env)
-        delete_grace_s=0, sweep_concurrency=int(os.environ.get("SWEEP_CONCURRENCY", "4"))
+    # The dev node's Envoy image (bench_stack exports the env), and a node selector no node
+    # matches: this measures the reconciler against the API server, not 1,000 gateway pods
+    # competing for the node's 2 CPUs (bench.node measures pods).
+    return dev_settings(
+        delete_grace_s=0,
+        sweep_concurrency=int(os.environ.get("SWEEP_CONCURRENCY", "4")),
+        node_selector_key="egress.dev/bench-no-node",
+        node_selector_value="none",
     )
 
 

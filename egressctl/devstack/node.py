@@ -395,22 +395,58 @@ def netns_exists(name: str) -> bool:
     return Path("/run/netns", name).exists()
 
 
-def free_slot(preferred: int | None = None) -> int:
-    """A slot whose namespaces do not exist (``preferred`` first: the stack's last one)."""
+SLOT_DIR = Path("/run/egress-dev/slots")
+
+
+def _slot_file(slot: int) -> Path:
+    return SLOT_DIR / f"{PREFIX}{slot}"
+
+
+def slot_owner(slot: int) -> str | None:
+    """The stack folder that claimed ``slot`` (None: nobody)."""
+    try:
+        return _slot_file(slot).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def owns_slot(slot: int, dev: Path) -> bool:
+    return slot_owner(slot) == str(dev)
+
+
+def claim_slot(dev: Path, preferred: int | None = None) -> int:
+    """Claim a slot for the stack in ``dev`` (its last one first) and return it.
+
+    A claim is a file naming the stack's folder, so that clean-up after a crash removes the
+    namespaces of *this* stack only, never those of another stack that took the slot since.
+    A claim whose stack folder no longer has a state file is stale and may be taken over."""
+    SLOT_DIR.mkdir(parents=True, exist_ok=True)
     order = ([preferred] if preferred is not None else []) + list(range(MAX_SLOTS))
     for slot in order:
         plan = AddressPlan(slot)
-        taken = (
+        owner = slot_owner(slot)
+        if owner is not None and owner != str(dev) and Path(owner, "state.json").exists():
+            continue
+        if owner != str(dev) and (
             netns_exists(plan.node_netns)
             or netns_exists(plan.inet_netns)
             or Path("/sys/class/net", plan.host_if).exists()
-        )
-        if not taken:
-            return slot
+        ):
+            continue  # something else holds these names: never touch it
+        tmp = _slot_file(slot).with_suffix(f".{os.getpid()}")
+        tmp.write_text(str(dev) + "\n")
+        tmp.replace(_slot_file(slot))
+        return slot
     raise DevStackError(
-        f"node: all {MAX_SLOTS} stack slots are in use ({PREFIX}0..{MAX_SLOTS - 1}); "
-        "stop another dev stack (`egressctl dev down` with its EGRESS_DEV_DIR)"
+        f"node: all {MAX_SLOTS} stack slots are in use ({PREFIX}0..{MAX_SLOTS - 1}, claims in "
+        f"{SLOT_DIR}); stop another dev stack (`egressctl dev down` with its EGRESS_DEV_DIR)"
     )
+
+
+def release_slot(slot: int, dev: Path) -> None:
+    if owns_slot(slot, dev):
+        with contextlib.suppress(OSError):
+            _slot_file(slot).unlink()
 
 
 def setup_network(plan: AddressPlan) -> None:

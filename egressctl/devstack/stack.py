@@ -664,12 +664,19 @@ def _wait_default_service_account(layout: Layout) -> None:
 # --------------------------------------------------------------------------- up/down
 
 
+def owned_plan(layout: Layout, state: State) -> AddressPlan | None:
+    """The stack's addresses if its slot is still its own (else another stack took it, and
+    clean-up must stay inside this stack's folder)."""
+    plan = state.plan
+    return plan if plan is not None and node.owns_slot(plan.slot, layout.dev) else None
+
+
 def _clean_leftovers(layout: Layout, state: State | None) -> None:
     if state is not None:
         stopped = [rec.name for rec in reversed(state.procs) if stop(rec, timeout=5.0)]
         if stopped:
             _say(f"stopped leftovers of a previous run: {', '.join(stopped)}")
-        removed = node.teardown(state.plan, layout.node)
+        removed = node.teardown(owned_plan(layout, state), layout.node)
         if removed:
             _say(f"removed leftovers of the node: {', '.join(removed)}")
     elif layout.node.root.exists():
@@ -688,7 +695,7 @@ def _stop_on_failure(layout: Layout, state: State) -> Iterator[None]:
     except BaseException:
         for rec in reversed(state.procs):
             stop(rec, timeout=5.0)
-        node.teardown(state.plan, layout.node)
+        node.teardown(owned_plan(layout, state), layout.node)
         state.complete = False
         save_state(layout, state)
         raise
@@ -713,7 +720,9 @@ def up(layout: Layout) -> State:
     for d in (layout.pki, layout.logs, layout.upstream, layout.node.root):
         d.mkdir(parents=True, exist_ok=True)
 
-    slot = node.free_slot(existing.slot if existing is not None and existing.slot >= 0 else None)
+    slot = node.claim_slot(
+        layout.dev, existing.slot if existing is not None and existing.slot >= 0 else None
+    )
     plan = AddressPlan(slot)
     ports = free_ports(["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "pubsub"], set())
     state = State(bin_dir=str(bin_dir), slot=slot, ports=ports, images=refs, started_at=time.time())
@@ -951,12 +960,15 @@ def down(layout: Layout) -> int:
         if stop(rec, timeout=10.0):
             stopped += 1
             _say(f"stopped {rec.name} (pid {rec.pid})")
-    removed = node.teardown(state.plan, layout.node)
+    plan = owned_plan(layout, state)
+    removed = node.teardown(plan, layout.node)
     if removed:
         _say(f"removed {', '.join(removed)}")
-    left = node.leftovers(state.plan, layout.node) if state.plan else []
+    left = node.leftovers(plan, layout.node) if plan else []
     if left:
         raise DevStackError("dev down left these behind: " + "; ".join(left))
+    if plan is not None:
+        node.release_slot(plan.slot, layout.dev)
     # Containers' state lives under the node folder: gone with it, nothing else keeps it.
     shutil.rmtree(layout.node.root, ignore_errors=True)
     state.complete = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import ipaddress
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,7 +148,8 @@ def test_cluster_internal_name_is_refused_with_a_condition(
     cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
     assert "kubernetes.default" not in str((cm or {}).get("data"))
     reply = query(dev_stack, "kubernetes.default.svc.cluster.local")
-    assert [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A] == ["10.96.0.1"]
+    kubernetes_ip = str(ipaddress.ip_network(dev_stack.env["EGRESS_DEV_SERVICE_CIDR"])[1])
+    assert [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A] == [kubernetes_ip]
 
 
 def test_duplicate_claim_goes_to_the_older_and_the_newer_is_told_why(

@@ -8,6 +8,8 @@ something. DNS is queried with dnslib (the repo's own ``dns`` package shadows dn
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import subprocess
 import sys
 import time
@@ -136,7 +138,8 @@ def _service(k8s: Any, namespace: str, name: str) -> str:
         ),
     )
     ip = svc.spec.cluster_ip
-    assert ip and ip.startswith("10.96."), f"no ClusterIP from the service CIDR: {ip!r}"
+    cidr = ipaddress.ip_network(os.environ["EGRESS_DEV_SERVICE_CIDR"])
+    assert ip and ipaddress.ip_address(ip) in cidr, f"no ClusterIP from {cidr}: {ip!r}"
     return str(ip)
 
 

@@ -85,3 +85,23 @@ def test_crash_then_up_then_down_leaves_nothing(dev_stack: DevStack, other_dir: 
     assert str(other) not in mounts
     shims = subprocess.run(["pgrep", "-f", str(other)], capture_output=True, text=True)
     assert shims.stdout.strip() == "", f"processes of the stopped stack: {shims.stdout}"
+
+
+def test_a_stale_stack_folder_never_touches_another_stacks_node(
+    dev_stack: DevStack, other_dir: Path
+) -> None:
+    """A folder whose state names the running stack's slot (a crashed stack whose slot was
+    taken since) cleans only inside itself: the running node keeps running."""
+    running = json.loads((Path(dev_stack.env["EGRESS_DEV_DIR"]) / "state.json").read_text())
+    plan = AddressPlan(running["slot"])
+    before = set(pids_in_netns(plan.node_netns))
+    assert before
+    (other_dir / "state.json").write_text(
+        json.dumps({"version": 2, "slot": plan.slot, "procs": [], "complete": False})
+    )
+    env = {**os.environ, "EGRESS_DEV_DIR": str(other_dir)}
+    down = dev(env, "down")
+    assert down.returncode == 0, down.stderr[-2000:]
+    assert before <= set(pids_in_netns(plan.node_netns)), "the running node lost processes"
+    status = dev({**os.environ}, "status")
+    assert status.returncode == 0, status.stdout

@@ -1,0 +1,194 @@
+"""The product's promise with real packets on the dev node: from a namespace with the README's
+default-deny egress policy, only a granted pod reaches a declared destination, by its real
+name, through its gateway, and only on the declared ports.
+
+Why: every other test proves objects and answers; this one proves what a client pod actually
+receives. The offline internet's test services say who their peer was, so "through the
+gateway" is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from reconcile import constants as c
+from reconcile.app import build_reconciler
+from reconcile.controller import Reconciler
+from reconcile.kube import SERVICE, Kube
+from tests.conftest import DevStack
+from tests.integration.helpers import (
+    GATEWAY_NS,
+    create_es,
+    dev_settings,
+    eventually,
+    external_service,
+    gateway_pods,
+    purge,
+    set_pods_ready,
+)
+from tests.integration.test_node import run_pod, sh
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DENY = REPO / "infra" / "examples" / "default-deny-egress"
+
+
+@dataclass(frozen=True)
+class Gateway:
+    name: str
+    dns_name: str
+    cluster_ip: str
+    pod_ips: frozenset[str]
+
+
+@pytest.fixture(scope="module")
+def reconciler(dev_stack: DevStack) -> Reconciler:
+    from reconcile.kube import api_client_from_kubeconfig
+
+    kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
+    return build_reconciler(
+        kube,
+        dev_settings(delete_grace_s=0, coredns_import_path=dev_stack.env["COREDNS_IMPORT_PATH"]),
+    )
+
+
+def make_gateway(admin: Kube, reconciler: Reconciler, env: dict[str, str], name: str) -> Gateway:
+    """A hijacking gateway for a name only the offline internet answers (its test service)."""
+    dns_name = f"{name}.offline.test"
+    with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
+        hosts.write(f"{env['EGRESS_DEV_UPSTREAM_IP']} {dns_name}\n")
+    ports = [
+        {"port": int(env["EGRESS_DEV_UPSTREAM_TCP_PORT"])},
+        {"port": int(env["EGRESS_DEV_UPSTREAM_UDP_PORT"]), "protocol": "UDP"},
+    ]
+    create_es(admin, external_service(name, dnsName=dns_name, hijackDns=True, ports=ports))
+    reconciler.reconcile(name)
+    set_pods_ready(admin, name, True)
+    assert reconciler.reconcile(name).hijack_state == "true"
+    service = admin.get(SERVICE, name, GATEWAY_NS)
+    assert service is not None
+    pods = frozenset(p["status"]["podIP"] for p in gateway_pods(admin, name))
+    return Gateway(name, dns_name, service["spec"]["clusterIP"], pods)
+
+
+@pytest.fixture(scope="module")
+def gateways(dev_stack: DevStack, reconciler: Reconciler) -> Iterator[tuple[Gateway, Gateway]]:
+    from reconcile.kube import api_client_from_kubeconfig
+
+    admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
+    suffix = uuid.uuid4().hex[:6]
+    names = [f"dp-a-{suffix}", f"dp-b-{suffix}"]
+    try:
+        yield (
+            make_gateway(admin, reconciler, dev_stack.env, names[0]),
+            make_gateway(admin, reconciler, dev_stack.env, names[1]),
+        )
+    finally:
+        for name in names:
+            purge(admin, name)
+        assert reconciler.dns is not None
+        reconciler.dns.sync(reconciler.kube)
+
+
+@pytest.fixture(scope="module")
+def clients(
+    k8s: Any, dev_stack: DevStack, gateways: tuple[Gateway, Gateway]
+) -> Iterator[dict[str, dict[str, Any]]]:
+    """Client pods in a namespace with the README's default-deny egress policy."""
+    from kubernetes import client
+
+    a, _ = gateways
+    core = client.CoreV1Api(k8s)
+    ns = f"dp-{a.name.rsplit('-', 1)[1]}"
+    core.create_namespace({"metadata": {"name": ns}})
+    res = subprocess.run(
+        ["kubectl", "apply", "-n", ns, "-k", str(DEFAULT_DENY)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    image = dev_stack.env["EGRESS_DEV_CLIENT_IMAGE"]
+    labels = {
+        "granted": {c.GRANT_LABEL_PREFIX + a.name: "true"},
+        "granted-old-label": {c.GRANT_LABEL_GATEWAY: a.name},
+        "stranger": {"role": "none"},
+    }
+    try:
+        yield {
+            name: {**run_pod(k8s, ns, name, image, ["sleep", "3600"], labels=lbl), "ns": ns}
+            for name, lbl in labels.items()
+        }
+    finally:
+        core.delete_namespace(ns)
+
+
+def tcp(pod: dict[str, Any], host: str, port: int | str) -> str:
+    return sh(pod["ns"], pod["metadata"]["name"], f"echo hi | nc -w 3 {host} {port}").stdout
+
+
+def udp(pod: dict[str, Any], host: str, port: int | str) -> str:
+    return sh(pod["ns"], pod["metadata"]["name"], f"echo hi | nc -u -w 2 {host} {port}").stdout
+
+
+def peer(reply: str) -> str | None:
+    for word in reply.split():
+        if word.startswith("peer="):
+            return word.removeprefix("peer=").rsplit(":", 1)[0]
+    return None
+
+
+def resolves_to_gateway(pod: dict[str, Any], gw: Gateway) -> bool:
+    out = sh(pod["ns"], pod["metadata"]["name"], f"nslookup {gw.dns_name}").stdout
+    return gw.cluster_ip in out
+
+
+def test_granted_pod_reaches_the_upstream_by_name_through_its_gateway(
+    dev_stack: DevStack, gateways: tuple[Gateway, Gateway], clients: dict[str, dict[str, Any]]
+) -> None:
+    a, _ = gateways
+    env = dev_stack.env
+    for name in ("granted", "granted-old-label"):
+        pod = clients[name]
+        eventually(lambda pod=pod: resolves_to_gateway(pod, a), 60, "the hijacked name")
+        reply = tcp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_TCP_PORT"])
+        assert peer(reply) in a.pod_ips, f"{name}: TCP not through the gateway: {reply!r}"
+        reply = udp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_UDP_PORT"])
+        assert peer(reply) in a.pod_ips, f"{name}: UDP not through the gateway: {reply!r}"
+
+
+def test_nothing_else_gets_through(
+    dev_stack: DevStack, gateways: tuple[Gateway, Gateway], clients: dict[str, dict[str, Any]]
+) -> None:
+    a, b = gateways
+    env = dev_stack.env
+    tcp_port, udp_port = env["EGRESS_DEV_UPSTREAM_TCP_PORT"], env["EGRESS_DEV_UPSTREAM_UDP_PORT"]
+    granted, stranger = clients["granted"], clients["stranger"]
+    eventually(lambda: resolves_to_gateway(stranger, a), 60, "the hijacked name")
+    eventually(lambda: resolves_to_gateway(granted, b), 60, "the second hijacked name")
+    # No grant: the gateway's NetworkPolicy refuses, by name or by ClusterIP.
+    assert "upstream" not in tcp(stranger, a.dns_name, tcp_port)
+    assert "upstream" not in tcp(stranger, a.cluster_ip, tcp_port)
+    assert "upstream" not in udp(stranger, a.dns_name, udp_port)
+    # Default-deny egress: nobody reaches the upstream's own address.
+    for pod in (granted, stranger):
+        assert "upstream" not in tcp(pod, env["EGRESS_DEV_UPSTREAM_IP"], tcp_port)
+        assert "upstream" not in udp(pod, env["EGRESS_DEV_UPSTREAM_IP"], udp_port)
+    # A grant for gateway A is no grant for gateway B.
+    assert "upstream" not in tcp(granted, b.dns_name, tcp_port)
+    # Undeclared ports: not on the Service, and refused on the gateway pod itself (admin port).
+    admin_port = 11000
+    out = sh(granted["ns"], "granted", f"nc -z -w 2 {a.cluster_ip} 9999; echo rc=$?").stdout
+    assert "rc=1" in out
+    for ip in a.pod_ips:
+        out = sh(granted["ns"], "granted", f"nc -z -w 2 {ip} {admin_port}; echo rc=$?").stdout
+        assert "rc=1" in out, f"the gateway's admin port is reachable: {out}"
+    # ... while the declared port on the pod itself is open to the granted pod.
+    for ip in a.pod_ips:
+        assert peer(tcp(granted, ip, tcp_port)) == ip
