@@ -45,6 +45,7 @@ PACKAGES = {
     "busybox": "busybox-static",
     "nc.openbsd": "netcat-openbsd",
     "dash": "dash",
+    "sysctl": "procps",
 }
 CNI_PLUGIN_DIRS = ("/usr/lib/cni", "/opt/cni/bin")
 CNI_PACKAGE = "containernetworking-plugins"
