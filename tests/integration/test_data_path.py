@@ -21,7 +21,7 @@ import pytest
 from reconcile import constants as c
 from reconcile.app import build_reconciler
 from reconcile.controller import Reconciler
-from reconcile.kube import SERVICE, Kube
+from reconcile.kube import CONFIGMAP, SERVICE, Kube
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,
@@ -192,3 +192,57 @@ def test_nothing_else_gets_through(
     # ... while the declared port on the pod itself is open to the granted pod.
     for ip in a.pod_ips:
         assert peer(tcp(granted, ip, tcp_port)) == ip
+
+
+def rules(admin: Kube) -> str:
+    cm = admin.get(CONFIGMAP, "egress-gateway-dns", "kube-system") or {}
+    return "".join((cm.get("data") or {}).values())
+
+
+def test_client_sees_the_real_address_until_ready_then_the_gateway_for_good(
+    k8s: Any, dev_stack: DevStack, reconciler: Reconciler, clients: dict[str, dict[str, Any]]
+) -> None:
+    """Hijack timing from a client pod: before a gateway pod is ready the name resolves to the
+    upstream's real address; once ready, to the gateway's ClusterIP; a readiness blip of the
+    gateway does not flip it back (the hijack state stays ``true``)."""
+    from reconcile.kube import api_client_from_kubeconfig
+
+    env = dev_stack.env
+    admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
+    name = f"dp-t-{uuid.uuid4().hex[:6]}"
+    dns_name = f"{name}.offline.test"
+    with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
+        hosts.write(f"{env['EGRESS_DEV_UPSTREAM_IP']} {dns_name}\n")
+    pod = clients["granted"]
+
+    def answer() -> str:
+        return sh(pod["ns"], "granted", f"nslookup {dns_name}").stdout
+
+    try:
+        eventually(lambda: env["EGRESS_DEV_UPSTREAM_IP"] in answer(), 30, "the real address")
+        create_es(admin, external_service(name, dnsName=dns_name, hijackDns=True))
+        reconciler.reconcile(name)
+        set_pods_ready(admin, name, False)  # held unready: Envoy fails its probe on purpose
+        assert reconciler.reconcile(name).hijack_state == "waiting-for-pods"
+        service = admin.get(SERVICE, name, GATEWAY_NS)
+        assert service is not None
+        cluster_ip = service["spec"]["clusterIP"]
+        # Waiting: no rule, the client still gets the real address.
+        assert dns_name not in rules(admin)
+        for _ in range(3):
+            out = answer()
+            assert env["EGRESS_DEV_UPSTREAM_IP"] in out and cluster_ip not in out, out
+        set_pods_ready(admin, name, True)
+        assert reconciler.reconcile(name).hijack_state == "true"
+        eventually(lambda: cluster_ip in answer(), 60, "the gateway's ClusterIP")
+        # A blip: the pod turns unready, the reconciler runs, the answer stays the gateway.
+        set_pods_ready(admin, name, False)
+        assert reconciler.reconcile(name).hijack_state == "true"
+        assert dns_name in rules(admin), "the rule stays through the blip"
+        for _ in range(5):
+            out = answer()
+            assert cluster_ip in out and env["EGRESS_DEV_UPSTREAM_IP"] not in out, out
+    finally:
+        purge(admin, name)
+        assert reconciler.dns is not None
+        reconciler.dns.sync(reconciler.kube)
