@@ -112,6 +112,12 @@ class AddressPlan:
         return f"203.0.113.{64 * self.slot + 10}"
 
     @property
+    def upstream_alt_ip(self) -> str:
+        """A second address of the same test services (for ipOverride: tests remove it to
+        make it stop answering)."""
+        return f"203.0.113.{64 * self.slot + 11}"
+
+    @property
     def upstream_dns_ip(self) -> str:
         return f"203.0.113.{64 * self.slot + 53}"
 
@@ -471,6 +477,7 @@ def setup_network(plan: AddressPlan) -> None:
     _run(*i, "addr", "add", f"{plan.inet_ip}/30", "dev", "eth0")
     _run(*i, "link", "set", "eth0", "up")
     _run(*i, "addr", "add", f"{plan.upstream_ip}/32", "dev", "lo")
+    _run(*i, "addr", "add", f"{plan.upstream_alt_ip}/32", "dev", "lo")
     _run(*i, "addr", "add", f"{plan.upstream_dns_ip}/32", "dev", "lo")
     # The offline internet answers only the node (which forwards for pods and the host).
     _run(*i, "route", "add", "default", "via", plan.node_inet_ip)

@@ -549,6 +549,8 @@ def env_values(layout: Layout, state: State) -> dict[str, str]:
         "EGRESS_DEV_CLIENT_IMAGE": refs.get("client", ""),
         "EGRESS_DEV_UPSTREAM_NAME": node.UPSTREAM_NAME,
         "EGRESS_DEV_UPSTREAM_IP": plan.upstream_ip,
+        "EGRESS_DEV_UPSTREAM_ALT_IP": plan.upstream_alt_ip,
+        "EGRESS_DEV_INET_NETNS": plan.inet_netns,
         "EGRESS_DEV_UPSTREAM_TCP_PORT": str(node.UPSTREAM_TCP_PORT),
         "EGRESS_DEV_UPSTREAM_UDP_PORT": str(node.UPSTREAM_UDP_PORT),
         "EGRESS_DEV_UPSTREAM_HOSTS": str(layout.upstream / "hosts"),
@@ -925,6 +927,7 @@ def up(layout: Layout) -> State:
         ], netns=plan.inet_netns, cwd=layout.upstream)  # fmt: skip
         start("upstream", [
             sys.executable, "-m", "egressctl.devstack.upstream", f"--bind={plan.upstream_ip}",
+            f"--bind={plan.upstream_alt_ip}",
             f"--tcp={node.UPSTREAM_TCP_PORT}", f"--udp={node.UPSTREAM_UDP_PORT}",
         ], netns=plan.inet_netns, cwd=layout.repo)  # fmt: skip
 

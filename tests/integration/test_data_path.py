@@ -246,3 +246,51 @@ def test_client_sees_the_real_address_until_ready_then_the_gateway_for_good(
         purge(admin, name)
         assert reconciler.dns is not None
         reconciler.dns.sync(reconciler.kube)
+
+
+def test_ip_override_serves_while_healthy_and_dns_takes_over_when_it_stops(
+    k8s: Any, dev_stack: DevStack, reconciler: Reconciler, clients: dict[str, dict[str, Any]]
+) -> None:
+    """ipOverride endpoints are used while their TCP health checks pass; when the override
+    stops answering, the gateway falls back to the DNS destination with no manual step."""
+    from reconcile.kube import api_client_from_kubeconfig
+
+    env = dev_stack.env
+    admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
+    name = f"dp-o-{uuid.uuid4().hex[:6]}"
+    dns_name = f"{name}.offline.test"
+    real, override = env["EGRESS_DEV_UPSTREAM_IP"], env["EGRESS_DEV_UPSTREAM_ALT_IP"]
+    tcp_port = env["EGRESS_DEV_UPSTREAM_TCP_PORT"]
+    with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
+        hosts.write(f"{real} {dns_name}\n")
+    ns = clients["granted"]["ns"]
+    pod = run_pod(
+        k8s, ns, "override-client", env["EGRESS_DEV_CLIENT_IMAGE"], ["sleep", "3600"],
+        labels={c.GRANT_LABEL_PREFIX + name: "true"},
+    )  # fmt: skip
+    pod["ns"] = ns
+    inet = ["ip", "-n", env["EGRESS_DEV_INET_NETNS"], "addr"]
+    spec = {"dnsName": dns_name, "hijackDns": True, "ipOverride": [override],
+            "ports": [{"port": int(tcp_port)}]}  # fmt: skip
+    try:
+        create_es(admin, external_service(name, **spec))
+        reconciler.reconcile(name)
+        set_pods_ready(admin, name, True)
+        assert reconciler.reconcile(name).hijack_state == "true"
+        gateway_ips = {p["status"]["podIP"] for p in gateway_pods(admin, name)}
+
+        def answered_at() -> str | None:
+            reply = tcp(pod, dns_name, tcp_port)
+            if peer(reply) not in gateway_ips:
+                return None
+            return next(w.removeprefix("at=") for w in reply.split() if w.startswith("at="))
+
+        assert eventually(answered_at, 90, "an answer through the gateway") == override
+        # The override stops answering (its address is gone from the offline internet).
+        subprocess.run([*inet, "del", f"{override}/32", "dev", "lo"], check=True)
+        eventually(lambda: answered_at() == real, 90, "the DNS destination to take over")
+    finally:
+        subprocess.run([*inet, "add", f"{override}/32", "dev", "lo"], check=False)
+        purge(admin, name)
+        assert reconciler.dns is not None
+        reconciler.dns.sync(reconciler.kube)
