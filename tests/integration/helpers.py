@@ -3,10 +3,11 @@ the dev node, and real pod readiness."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from reconcile import constants as c
@@ -97,6 +98,18 @@ def envoy_admin(pod: dict[str, Any], path: str) -> subprocess.CompletedProcess[s
          "wget", "-q", "-O-", "--post-data=", f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def no_room_for_new_pods() -> Iterator[None]:
+    """Cordon the dev node: new gateway pods stay Pending (so a gateway is observed "not ready"
+    without racing its first readiness probe), and uncordon it afterwards."""
+    node = os.environ["EGRESS_DEV_NODE"]
+    subprocess.run(["kubectl", "cordon", node], capture_output=True, check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["kubectl", "uncordon", node], capture_output=True, check=True)
 
 
 def set_pods_ready(admin: Kube, name: str, ready: bool, timeout_s: float = 120.0) -> None:

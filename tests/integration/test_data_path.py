@@ -30,6 +30,7 @@ from tests.integration.helpers import (
     eventually,
     external_service,
     gateway_pods,
+    no_room_for_new_pods,
     purge,
     set_pods_ready,
 )
@@ -220,18 +221,18 @@ def test_client_sees_the_real_address_until_ready_then_the_gateway_for_good(
 
     try:
         eventually(lambda: env["EGRESS_DEV_UPSTREAM_IP"] in answer(), 30, "the real address")
-        create_es(admin, external_service(name, dnsName=dns_name, hijackDns=True))
-        reconciler.reconcile(name)
-        set_pods_ready(admin, name, False)  # held unready: Envoy fails its probe on purpose
-        assert reconciler.reconcile(name).hijack_state == "waiting-for-pods"
-        service = admin.get(SERVICE, name, GATEWAY_NS)
-        assert service is not None
-        cluster_ip = service["spec"]["clusterIP"]
-        # Waiting: no rule, the client still gets the real address.
-        assert dns_name not in rules(admin)
-        for _ in range(3):
-            out = answer()
-            assert env["EGRESS_DEV_UPSTREAM_IP"] in out and cluster_ip not in out, out
+        with no_room_for_new_pods():  # the gateway's pod stays Pending: not ready
+            create_es(admin, external_service(name, dnsName=dns_name, hijackDns=True))
+            reconciler.reconcile(name)
+            assert reconciler.reconcile(name).hijack_state == "waiting-for-pods"
+            service = admin.get(SERVICE, name, GATEWAY_NS)
+            assert service is not None
+            cluster_ip = service["spec"]["clusterIP"]
+            # Waiting: no rule, the client still gets the real address.
+            assert dns_name not in rules(admin)
+            for _ in range(3):
+                out = answer()
+                assert env["EGRESS_DEV_UPSTREAM_IP"] in out and cluster_ip not in out, out
         set_pods_ready(admin, name, True)
         assert reconciler.reconcile(name).hijack_state == "true"
         eventually(lambda: cluster_ip in answer(), 60, "the gateway's ClusterIP")

@@ -28,11 +28,14 @@ from tests.conftest import DevStack
 from tests.integration.faultproxy import Fault, FaultProxy
 from tests.integration.helpers import (
     GATEWAY_NS,
+    POD,
     children,
     create_es,
     dev_settings,
     eventually,
     external_service,
+    gateway_pods,
+    no_room_for_new_pods,
     purge,
     set_pods_ready,
     update_spec,
@@ -361,29 +364,39 @@ def test_every_hijack_transition_follows_live_readiness(
         assert service is not None
         return str(service["metadata"]["labels"][c.LABEL_HIJACK_DNS])
 
-    create_es(admin, external_service(es_name, hijackDns=False))
-    reconciler.reconcile(es_name)
-    assert label() == "false"
-    # Real pods turn Ready by themselves: hold them unready (Envoy fails its probe on purpose)
-    # so that the waiting state is observed rather than raced.
-    set_pods_ready(admin, es_name, False)
-    update_spec(admin, es_name, {"hijackDns": True})
-    reconciler.reconcile(es_name)
-    assert label() == "waiting-for-pods"  # false -> waiting (not ready)
-    reconciler.reconcile(es_name)
-    assert label() == "waiting-for-pods"  # waiting stays waiting while not ready
+    # Real pods turn Ready by themselves: keep the gateway's pod Pending at first (node
+    # cordoned) so that the waiting state is observed rather than raced.
+    with no_room_for_new_pods():
+        create_es(admin, external_service(es_name, hijackDns=False))
+        reconciler.reconcile(es_name)
+        assert label() == "false"
+        update_spec(admin, es_name, {"hijackDns": True})
+        reconciler.reconcile(es_name)
+        assert label() == "waiting-for-pods"  # false -> waiting (not ready)
+        reconciler.reconcile(es_name)
+        assert label() == "waiting-for-pods"  # waiting stays waiting while not ready
     set_pods_ready(admin, es_name, True)
     reconciler.reconcile(es_name)
     assert label() == "true"  # waiting -> true once ready
-    set_pods_ready(admin, es_name, False)
-    reconciler.reconcile(es_name)
-    assert label() == "true"  # a readiness blip does not flap DNS
-    update_spec(admin, es_name, {"hijackDns": False})
-    reconciler.reconcile(es_name)
-    assert label() == "false"  # true -> false when switched off
-    update_spec(admin, es_name, {"hijackDns": True})
-    reconciler.reconcile(es_name)
-    assert label() == "waiting-for-pods"  # false -> waiting while still unready
+    # A blip: the gateway's only pod goes away (as in a node drain) and its replacement
+    # stays Pending, so no pod is ready for a while.
+    with no_room_for_new_pods():
+        for pod in gateway_pods(admin, es_name):
+            admin.delete(POD, pod["metadata"]["name"], GATEWAY_NS)
+
+        def none_ready() -> bool:
+            dep = admin.get(DEPLOYMENT, es_name, GATEWAY_NS) or {}
+            return not (dep.get("status") or {}).get("readyReplicas")
+
+        eventually(none_ready, 60, "no ready gateway pod")
+        reconciler.reconcile(es_name)
+        assert label() == "true"  # a readiness blip does not flap DNS
+        update_spec(admin, es_name, {"hijackDns": False})
+        reconciler.reconcile(es_name)
+        assert label() == "false"  # true -> false when switched off
+        update_spec(admin, es_name, {"hijackDns": True})
+        reconciler.reconcile(es_name)
+        assert label() == "waiting-for-pods"  # false -> waiting while still unready
     set_pods_ready(admin, es_name, True)
     reconciler.reconcile(es_name)
     assert label() == "true"
