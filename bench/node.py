@@ -32,7 +32,11 @@ from tests.integration.helpers import (
     dev_settings,
     eventually,
     gateway_pods,
+    kubectl,
     purge,
+    run_pod,
+    serve_offline_name,
+    sh,
 )
 
 PREFIX = "benchnode-"
@@ -63,37 +67,15 @@ def bench_start() -> None:
     )
 
 
-def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["kubectl", *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
-    )
+def client_pod(names: list[str], image: str, kubeconfig: str) -> str:
+    """A client pod granted for every benchmark gateway; returns its IP."""
+    from kubernetes import config
 
-
-def client_pod(names: list[str], image: str) -> str:
-    labels = {c.GRANT_LABEL_PREFIX + n: "true" for n in names}
-    labels["app"] = "bench-client"
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": "client", "namespace": CLIENT_NS, "labels": labels},
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {"name": "c", "image": image, "imagePullPolicy": "Never",
-                 "command": ["sleep", "86400"]}
-            ],
-        },
-    }  # fmt: skip
+    k8s = config.new_client_from_config(config_file=kubeconfig)
     kubectl("create", "namespace", CLIENT_NS)
-    res = kubectl("apply", "-f", "-", stdin=json.dumps(pod))
-    assert res.returncode == 0, res.stderr
-
-    def ip() -> str | None:
-        out = kubectl("get", "pod", "-n", CLIENT_NS, "client", "-o", "jsonpath={.status.podIP}")
-        phase = kubectl("get", "pod", "-n", CLIENT_NS, "client", "-o", "jsonpath={.status.phase}")
-        return out.stdout.strip() if phase.stdout.strip() == "Running" else None
-
-    return str(eventually(ip, 90, "the bench client pod"))
+    labels = {c.GRANT_LABEL_PREFIX + n: "true" for n in names}
+    pod = run_pod(k8s, CLIENT_NS, "client", image, ["sleep", "86400"], labels=labels)
+    return str(pod["status"]["pod_ip"])
 
 
 def main() -> int:
@@ -105,12 +87,8 @@ def main() -> int:
         settings = dev_settings(delete_grace_s=0, coredns_import_path=env["COREDNS_IMPORT_PATH"])
         reconciler = build_reconciler(kube, settings)
         names = [f"{PREFIX}{i:02d}" for i in range(n)]
-        dns_names = {name: f"{name}.offline.test" for name in names}
-        hosts = Path(env["EGRESS_DEV_UPSTREAM_HOSTS"])
-        with hosts.open("a") as f:
-            for d in dns_names.values():
-                f.write(f"{env['EGRESS_DEV_UPSTREAM_IP']} {d}\n")
-        client_ip = client_pod(names, env["EGRESS_DEV_CLIENT_IMAGE"])
+        dns_names = {name: serve_offline_name(env, f"{name}.offline.test") for name in names}
+        client_ip = client_pod(names, env["EGRESS_DEV_CLIENT_IMAGE"], env["KUBECONFIG"])
         tcp = env["EGRESS_DEV_UPSTREAM_TCP_PORT"]
         to_ready: list[float] = []
         to_byte: list[float] = []
@@ -137,11 +115,13 @@ def main() -> int:
                 f'case "$out" in *upstream*) case "$out" in *peer={client_ip}:*) ;; '
                 f'*) echo "$out"; exit 0;; esac;; esac; sleep 0.05; done'
             )
-            res = kubectl("exec", "-n", CLIENT_NS, "client", "--", "sh", "-c", script)
+            res = sh(CLIENT_NS, "client", script, timeout=120)
             assert res.returncode == 0 and "upstream" in res.stdout, res
             to_byte.append(time.perf_counter() - t0)
             pod = gateway_pods(admin, name)[0]["metadata"]["name"]
-            status = kubectl("exec", "-n", GATEWAY_NS, pod, "--", "cat", "/proc/1/status")
+            status = kubectl(
+                "exec", "-n", GATEWAY_NS, pod, "--", "cat", "/proc/1/status", timeout=120
+            )
             for line in status.stdout.splitlines():
                 if line.startswith("VmRSS:"):
                     rss_mib.append(int(line.split()[1]) / 1024)

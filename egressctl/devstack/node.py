@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -375,7 +376,7 @@ def cni_bin_dir() -> str:
     )
 
 
-def ensure_packages(say: object = None) -> None:
+def ensure_packages(say: Callable[[str], None]) -> None:
     """Install the node's Debian packages that are missing (root; CI and fresh machines)."""
     missing = sorted({pkg for cmd, pkg in PACKAGES.items() if shutil.which(cmd) is None})
     try:
@@ -389,8 +390,7 @@ def ensure_packages(say: object = None) -> None:
             f"node: missing Debian packages {' '.join(missing)}; install them as root "
             f"(apt-get install -y {' '.join(missing)})"
         )
-    if callable(say):
-        say(f"installing Debian packages for the node: {' '.join(missing)}")
+    say(f"installing Debian packages for the node: {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
         res = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
@@ -586,11 +586,12 @@ def teardown(plan: AddressPlan | None, paths: NodePaths) -> list[str]:
     every process still inside our namespaces, then mounts under our folder, then the
     namespaces (which takes their veths, bridge, routes, iptables chains and ipsets along)."""
     done: list[str] = []
-    for root, cid in _containers(paths):
+    containers = _containers(paths)
+    for root, cid in containers:
         _run("runc", "--root", root, "kill", "-a", cid, "KILL", check=False)
     shims = _shim_pids(paths)
     _kill_all(shims)
-    for root, cid in _containers(paths):
+    for root, cid in containers:
         _run("runc", "--root", root, "delete", "-f", cid, check=False)
     if shims:
         done.append(f"{len(shims)} containerd shim(s)")

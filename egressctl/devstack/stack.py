@@ -233,28 +233,15 @@ def coredns_version(bin_dir: Path) -> str:
 DASH = Path("/bin/dash")
 
 
-def build_images(bin_dir: Path) -> dict[str, Path]:
-    """The node's images (pause, client, Envoy, CoreDNS) as OCI archives, by role."""
+def image_specs(bin_dir: Path) -> dict[str, images.ImageSpec]:
+    """The node's images (pause, client, Envoy, CoreDNS), by role."""
     busybox = Path(shutil.which("busybox") or "/bin/busybox")
     nc = Path(shutil.which("nc.openbsd") or "/bin/nc.openbsd")
-    specs = {
+    return {
         "pause": images.pause_image(busybox),
         "client": images.client_image(busybox, nc, DASH),
         "envoy": images.envoy_image(images.envoy_binary(), busybox, images.envoy_version()),
         "coredns": images.coredns_image(bin_dir / "coredns", coredns_version(bin_dir)),
-    }
-    archives = images.build_images(image_cache(bin_dir), list(specs.values()))
-    return dict(zip(specs, archives, strict=True))
-
-
-def image_refs(bin_dir: Path) -> dict[str, str]:
-    busybox = Path(shutil.which("busybox") or "/bin/busybox")
-    nc = Path(shutil.which("nc.openbsd") or "/bin/nc.openbsd")
-    return {
-        "pause": images.pause_image(busybox).ref,
-        "client": images.client_image(busybox, nc, DASH).ref,
-        "envoy": images.envoy_image(images.envoy_binary(), busybox, images.envoy_version()).ref,
-        "coredns": images.coredns_image(bin_dir / "coredns", coredns_version(bin_dir)).ref,
     }
 
 
@@ -283,26 +270,15 @@ def pubsub_emulator_command(port: int) -> list[str]:
 # --------------------------------------------------------------------------- ports
 
 
-def free_ports(names: list[str], udp_too: set[str]) -> dict[str, int]:
+def free_ports(names: list[str]) -> dict[str, int]:
     """Distinct free loopback ports (held open together so none is handed out twice)."""
-    ports: dict[str, int] = {}
     with ExitStack() as stack:
+        ports: dict[str, int] = {}
         for name in names:
-            for _attempt in range(50):
-                tcp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-                tcp.bind(("127.0.0.1", 0))
-                port = int(tcp.getsockname()[1])
-                if name in udp_too:
-                    udp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-                    try:
-                        udp.bind(("127.0.0.1", port))
-                    except OSError:
-                        continue
-                ports[name] = port
-                break
-            else:
-                raise DevStackError(f"ports: no free loopback port for {name}")
-    return ports
+            tcp = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            tcp.bind(("127.0.0.1", 0))
+            ports[name] = int(tcp.getsockname()[1])
+        return ports
 
 
 # --------------------------------------------------------------------------- health
@@ -716,8 +692,9 @@ def up(layout: Layout) -> State:
         raise DevStackError("the node needs root (network namespaces, containerd, kubelet)")
     node.ensure_packages(_say)
     bin_dir = ensure_binaries(layout)  # before cleaning: a failed build keeps nothing
-    archives = build_images(bin_dir)
-    refs = image_refs(bin_dir)
+    specs = image_specs(bin_dir)
+    archives = images.build_images(image_cache(bin_dir), list(specs.values()))
+    refs = {role: spec.ref for role, spec in specs.items()}
     _clean_leftovers(layout, existing)
     for d in (layout.pki, layout.logs, layout.upstream, layout.node.root):
         d.mkdir(parents=True, exist_ok=True)
@@ -726,7 +703,7 @@ def up(layout: Layout) -> State:
         layout.dev, existing.slot if existing is not None and existing.slot >= 0 else None
     )
     plan = AddressPlan(slot)
-    ports = free_ports(["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "pubsub"], set())
+    ports = free_ports(["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "pubsub"])
     state = State(bin_dir=str(bin_dir), slot=slot, ports=ports, images=refs, started_at=time.time())
     save_state(layout, state)
     b = bin_dir
@@ -830,9 +807,7 @@ def up(layout: Layout) -> State:
         ])  # fmt: skip
         _wait_part(layout, state, "containerd")
         t0 = time.monotonic()
-        images.import_images(
-            shutil.which("ctr") or "ctr", str(npaths.containerd_socket), list(archives.values())
-        )
+        images.import_images(shutil.which("ctr") or "ctr", str(npaths.containerd_socket), archives)
         _say(f"images imported into the node ({time.monotonic() - t0:.1f}s)")
         state.timings["images-imported"] = round(time.time() - state.started_at, 2)
         _wait_part(layout, state, "kube-apiserver")

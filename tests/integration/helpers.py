@@ -8,6 +8,7 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from reconcile import constants as c
@@ -137,3 +138,64 @@ def set_pods_ready(admin: Kube, name: str, ready: bool, timeout_s: float = 120.0
     eventually(
         converged, timeout_s, f"Deployment {name} to have {'a' if ready else 'no'} Ready pod"
     )
+
+
+def kubectl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def run_pod(
+    k8s: Any,
+    namespace: str,
+    name: str,
+    image: str,
+    command: list[str],
+    labels: dict[str, str] | None = None,
+    ports: list[int] | None = None,
+) -> dict[str, Any]:
+    """Create a pod and wait until it runs; returns it (with its IP)."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(k8s)
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels or {"app": name}},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image,
+                    "imagePullPolicy": "Never",
+                    "command": command,
+                    "ports": [{"containerPort": p} for p in ports or []],
+                }
+            ],
+        },
+    }
+    core.create_namespaced_pod(namespace, pod)
+
+    def running() -> dict[str, Any] | None:
+        got = core.read_namespaced_pod(name, namespace).to_dict()
+        status = got.get("status") or {}
+        return got if status.get("phase") == "Running" and status.get("pod_ip") else None
+
+    result: dict[str, Any] = eventually(running, 90, f"pod {namespace}/{name} to run")
+    return result
+
+
+def sh(
+    namespace: str, pod: str, script: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script, timeout=timeout)
+
+
+def serve_offline_name(env: dict[str, str], dns_name: str, ip: str | None = None) -> str:
+    """Make the offline internet's DNS answer ``dns_name`` (with its test services' address
+    unless ``ip`` says otherwise); it re-reads its hosts file every 2 s. Returns the name."""
+    with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
+        hosts.write(f"{ip or env['EGRESS_DEV_UPSTREAM_IP']} {dns_name}\n")
+    return dns_name

@@ -32,9 +32,11 @@ from tests.integration.helpers import (
     gateway_pods,
     no_room_for_new_pods,
     purge,
+    run_pod,
+    serve_offline_name,
     set_pods_ready,
+    sh,
 )
-from tests.integration.test_node import run_pod, sh
 
 pytestmark = pytest.mark.cluster
 
@@ -63,9 +65,7 @@ def reconciler(dev_stack: DevStack) -> Reconciler:
 
 def make_gateway(admin: Kube, reconciler: Reconciler, env: dict[str, str], name: str) -> Gateway:
     """A hijacking gateway for a name only the offline internet answers (its test service)."""
-    dns_name = f"{name}.offline.test"
-    with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
-        hosts.write(f"{env['EGRESS_DEV_UPSTREAM_IP']} {dns_name}\n")
+    dns_name = serve_offline_name(env, f"{name}.offline.test")
     ports = [
         {"port": int(env["EGRESS_DEV_UPSTREAM_TCP_PORT"])},
         {"port": int(env["EGRESS_DEV_UPSTREAM_UDP_PORT"]), "protocol": "UDP"},
@@ -211,9 +211,7 @@ def test_client_sees_the_real_address_until_ready_then_the_gateway_for_good(
     env = dev_stack.env
     admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
     name = f"dp-t-{uuid.uuid4().hex[:6]}"
-    dns_name = f"{name}.offline.test"
-    with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
-        hosts.write(f"{env['EGRESS_DEV_UPSTREAM_IP']} {dns_name}\n")
+    dns_name = serve_offline_name(env, f"{name}.offline.test")
     pod = clients["granted"]
 
     def answer() -> str:
@@ -259,11 +257,9 @@ def test_ip_override_serves_while_healthy_and_dns_takes_over_when_it_stops(
     env = dev_stack.env
     admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
     name = f"dp-o-{uuid.uuid4().hex[:6]}"
-    dns_name = f"{name}.offline.test"
     real, override = env["EGRESS_DEV_UPSTREAM_IP"], env["EGRESS_DEV_UPSTREAM_ALT_IP"]
     tcp_port = env["EGRESS_DEV_UPSTREAM_TCP_PORT"]
-    with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
-        hosts.write(f"{real} {dns_name}\n")
+    dns_name = serve_offline_name(env, f"{name}.offline.test", real)
     ns = clients["granted"]["ns"]
     pod = run_pod(
         k8s, ns, "override-client", env["EGRESS_DEV_CLIENT_IMAGE"], ["sleep", "3600"],

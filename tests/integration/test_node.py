@@ -17,62 +17,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import DevStack
-from tests.integration.helpers import eventually
+from tests.integration.helpers import eventually, kubectl, run_pod, sh
 
 pytestmark = pytest.mark.cluster
-
-
-def kubectl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["kubectl", *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def run_pod(
-    k8s: Any,
-    namespace: str,
-    name: str,
-    image: str,
-    command: list[str],
-    labels: dict[str, str] | None = None,
-    ports: list[int] | None = None,
-) -> dict[str, Any]:
-    """Create a pod and wait until it runs; returns it (with its IP)."""
-    from kubernetes import client
-
-    core = client.CoreV1Api(k8s)
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "labels": labels or {"app": name}},
-        "spec": {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image,
-                    "imagePullPolicy": "Never",
-                    "command": command,
-                    "ports": [{"containerPort": p} for p in ports or []],
-                }
-            ],
-        },
-    }
-    core.create_namespaced_pod(namespace, pod)
-
-    def running() -> dict[str, Any] | None:
-        got = core.read_namespaced_pod(name, namespace).to_dict()
-        status = got.get("status") or {}
-        return got if status.get("phase") == "Running" and status.get("pod_ip") else None
-
-    result: dict[str, Any] = eventually(running, 90, f"pod {namespace}/{name} to run")
-    return result
-
-
-def sh(
-    namespace: str, pod: str, script: str, timeout: float = 30
-) -> subprocess.CompletedProcess[str]:
-    return kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script, timeout=timeout)
 
 
 @pytest.fixture
