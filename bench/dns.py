@@ -132,7 +132,7 @@ def bench_propagation(
     print(
         f"hijack state true -> first rewritten answer over {rounds} gateways: "
         f"p50 {statistics.median(latencies):.2f} s, max {latencies[-1]:.2f} s "
-        f"(kubelet ConfigMap sync {os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '5')} s on the dev "
+        f"(kubelet ConfigMap sync {os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '60')} s on the dev "
         "node + CoreDNS reload 2s; budget ~2 min in a real cluster)"
     )
     for i in range(rounds):

@@ -136,7 +136,7 @@ def main() -> int:
         print(
             f"new ExternalService -> first byte through the gateway by its real name ({n}): "
             f"{fmt(to_byte)} (includes the DNS rule reaching the client: kubelet sync "
-            f"{os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '5')} s + CoreDNS reload 2 s)"
+            f"{os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '60')} s + CoreDNS reload 2 s)"
         )
         if rss_mib:
             print(

@@ -9,18 +9,23 @@ from fresh state. So concurrent reconciles never lose each other's rules.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from dns import corefile
 from dns.render import Claim, Rendered, render
 from reconcile import constants as c
-from reconcile.errors import PermanentError, TransientError
+from reconcile.errors import PermanentError, ReconcileError, TransientError
 from reconcile.hijack import HijackState
-from reconcile.kube import CONFIGMAP, SERVICE, Kube, Obj
+from reconcile.kube import CONFIGMAP, ENDPOINT_SLICE, POD, SERVICE, Kube, Obj
 from reconcile.settings import Settings
 
 MAX_ATTEMPTS = 8
+# A nudge is a courtesy: a pod that cannot be nudged at once still refreshes on its own sync.
+NUDGE_FINAL_STATUSES = frozenset({400, 403, 404, 409, 422})
+
+log = logging.getLogger(__name__)
 
 
 REASON_NOT_WIRED = "CoreDNSNotWired"
@@ -33,6 +38,7 @@ class DnsVerdicts:
     rendered: Rendered
     corefile_problem: str = ""
     corefile_added: str = ""
+    corefile_version: str = ""
 
     def refusal(self, name: str) -> tuple[str, str] | None:
         """(reason, message) for a gateway whose hijack state is true but whose name is not."""
@@ -51,6 +57,8 @@ class DnsVerdicts:
 class DnsReport(DnsVerdicts):
     written: bool = False
     drift: list[str] = field(default_factory=list)
+    nudged: list[str] = field(default_factory=list)
+    nudge_problem: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +70,8 @@ class DnsReport(DnsVerdicts):
             },
             "drift": self.drift,
             "corefile": self.corefile_problem or "ok",
+            "nudged": self.nudged,
+            **({"nudge_problem": self.nudge_problem} if self.nudge_problem else {}),
         }
 
 
@@ -114,6 +124,8 @@ class DnsDelivery:
             live_data = (live or {}).get("data") or {}
             if live is not None and live_data == rendered.data:
                 self._check_corefile(kube, report, rendered)
+                if report.corefile_added:
+                    self._nudge(kube, report, report.corefile_version)
                 return report
             if live is not None:
                 report.drift.append(_describe_drift(live_data, rendered.data))
@@ -128,7 +140,7 @@ class DnsDelivery:
                 "data": rendered.data,
             }
             if live is None:
-                written = _write(kube, "POST", CONFIGMAP.path(s.dns_configmap_namespace), body)
+                version = _write(kube, "POST", CONFIGMAP.path(s.dns_configmap_namespace), body)
             else:
                 body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
                 body["metadata"]["labels"] = {
@@ -136,25 +148,29 @@ class DnsDelivery:
                     c.LABEL_APP: c.APP_VALUE,
                 }
                 path = CONFIGMAP.path(s.dns_configmap_namespace, s.dns_configmap_name)
-                written = _write(kube, "PUT", path, body)
-            if not written:
+                version = _write(kube, "PUT", path, body)
+            if not version:
                 continue  # someone wrote in between: start over from fresh state
             report.written = True
             self._check_corefile(kube, report, rendered)
+            self._nudge(kube, report, version)
             return report
         raise TransientError(f"DNS ConfigMap kept changing under us ({MAX_ATTEMPTS} attempts)")
 
     def _check_corefile(self, kube: Kube, report: DnsReport, rendered: Rendered) -> None:
         if not rendered.rules and not self.settings.manage_coredns_import:
             return
-        report.corefile_problem, report.corefile_added = self.ensure_corefile(kube)
+        report.corefile_problem, report.corefile_added, report.corefile_version = (
+            self.ensure_corefile(kube)
+        )
         if report.corefile_added:
             report.drift.append(f"Corefile: added {report.corefile_added}")
 
-    def ensure_corefile(self, kube: Kube) -> tuple[str, str]:
+    def ensure_corefile(self, kube: Kube) -> tuple[str, str, str]:
         """Make sure CoreDNS imports our rules; add the line once if allowed, else report it.
 
-        Returns (problem, what was added): an empty problem means CoreDNS imports the rules.
+        Returns (problem, what was added, resourceVersion written): an empty problem means
+        CoreDNS imports the rules.
         """
         s = self.settings
         import_line = f"import {s.coredns_import_path}"
@@ -164,39 +180,101 @@ class DnsDelivery:
             text = ((cm or {}).get("data") or {}).get(s.corefile_key)
             if cm is None or text is None:
                 return (
-                    f"ConfigMap {s.dns_configmap_namespace}/{s.coredns_configmap_name} has no key "
-                    f"{s.corefile_key}: cannot check that CoreDNS imports the rules"
-                ), ""
+                    (
+                        f"ConfigMap {s.dns_configmap_namespace}/{s.coredns_configmap_name} has "
+                        f"no key {s.corefile_key}: cannot check that CoreDNS imports the rules"
+                    ),
+                    "",
+                    "",
+                )
             state = corefile.check(text, import_line, s.cluster_domain)
             if state.ok:
-                return "", ""
+                return "", "", ""
             missing = " and ".join(
                 what
                 for what, present in ((import_line, state.has_import), ("reload", state.has_reload))
                 if not present
             )
             if not s.manage_coredns_import:
-                return f"the Corefile lacks {missing} (MANAGE_COREDNS_IMPORT is off)", ""
+                return f"the Corefile lacks {missing} (MANAGE_COREDNS_IMPORT is off)", "", ""
             try:
                 updated = corefile.ensure_import(text, import_line, s.cluster_domain)
             except ValueError as exc:
-                return str(exc), ""
+                return str(exc), "", ""
             # PUT the whole live object (resourceVersion included) so nothing else changes.
             cm["data"][s.corefile_key] = updated
-            if _write(kube, "PUT", path, cm):
-                return "", missing
+            version = _write(kube, "PUT", path, cm)
+            if version:
+                return "", missing, version
         raise TransientError("the CoreDNS ConfigMap kept changing under us")
 
+    def _nudge(self, kube: Kube, report: DnsReport, version: str) -> None:
+        report.nudged, report.nudge_problem = self.nudge(kube, version)
 
-def _write(kube: Kube, method: str, path: str, body: Obj) -> bool:
-    """Create or replace under a precondition; False when another writer got there first."""
+    def nudge(self, kube: Kube, version: str) -> tuple[list[str], str]:
+        """Make the kubelet refresh the CoreDNS pods' ConfigMap volumes now.
+
+        A kubelet refreshes a pod's ConfigMap volumes when it syncs the pod: periodically (about
+        once a minute) or as soon as the pod object changes. Writing our version into one
+        annotation of each pod behind the CoreDNS Service is such a change; CoreDNS's ``reload``
+        then sees the new files. Failures are reported and logged, never raised: the write has
+        happened, and DNS converges on the kubelet's own schedule anyway.
+
+        Returns the pods nudged and a description of what failed ("" when nothing did).
+        """
+        s = self.settings
+        if not s.nudge_coredns_pods or not version:
+            return [], ""
+        problems = []
+        nudged = []
+        try:
+            slices, _ = kube.list_all(
+                ENDPOINT_SLICE,
+                s.dns_configmap_namespace,
+                label_selector=f"{c.LABEL_SERVICE_NAME}={s.coredns_service_name}",
+            )
+        except ReconcileError as exc:
+            slices = []
+            problems.append(f"cannot list the EndpointSlices of {s.coredns_service_name}: {exc}")
+        pods: dict[str, str] = {}
+        for item in slices:
+            for endpoint in item.get("endpoints") or []:
+                ref = endpoint.get("targetRef") or {}
+                if ref.get("kind") == "Pod" and ref.get("name"):
+                    pods[ref["name"]] = ref.get("uid") or ""
+        for name, uid in sorted(pods.items()):
+            patch: Obj = {"metadata": {"annotations": {c.ANNOTATION_DNS_RULES_VERSION: version}}}
+            if uid:
+                patch["metadata"]["uid"] = uid  # a precondition: never nudge a replacement
+            try:
+                kube.request(
+                    "PATCH",
+                    POD.path(s.dns_configmap_namespace, name),
+                    query=[("fieldManager", c.FIELD_MANAGER)],
+                    body=patch,
+                    content_type="application/merge-patch+json",
+                    final_statuses=NUDGE_FINAL_STATUSES,
+                )
+                nudged.append(name)
+            except ReconcileError as exc:
+                if exc.status != 404:
+                    problems.append(f"pod {name}: {exc}")
+        problem = "; ".join(problems)
+        if problem:
+            log.warning("CoreDNS pods not nudged, DNS waits for the kubelet's sync: %s", problem)
+        return nudged, problem
+
+
+def _write(kube: Kube, method: str, path: str, body: Obj) -> str:
+    """Create or replace under a precondition: the new resourceVersion, or "" when another
+    writer got there first."""
     try:
-        kube.request(method, path, body=body, final_statuses=frozenset({409}))
+        result = kube.request(method, path, body=body, final_statuses=frozenset({409}))
     except PermanentError as exc:
         if exc.status == 409:
-            return False
+            return ""
         raise
-    return True
+    return str(((result or {}).get("metadata") or {}).get("resourceVersion") or "-")
 
 
 def _describe_drift(live: dict[str, str], desired: dict[str, str]) -> str:

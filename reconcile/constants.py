@@ -34,6 +34,13 @@ ANNOTATION_APPLIED_HASH = f"{GROUP}/applied-hash"
 # On a deleted ExternalService: when its gateway may go (DNS has had time to forget it).
 ANNOTATION_DELETE_AFTER = f"{GROUP}/delete-after"
 
+# On the cluster's CoreDNS pods: resourceVersion of our last DNS write. Changing it makes the
+# kubelet sync the pod, and so refresh its ConfigMap volumes, at once instead of within its
+# sync period (about a minute). infra/rbac confines the reconciler to this one annotation.
+ANNOTATION_DNS_RULES_VERSION = f"{GROUP}/dns-rules-version"
+# EndpointSlices name the Service they belong to with this label (set by Kubernetes).
+LABEL_SERVICE_NAME = "kubernetes.io/service-name"
+
 # Holds a deleted ExternalService until its DNS rule is gone and the grace period has passed.
 FINALIZER = f"{GROUP}/gateway-cleanup"
 

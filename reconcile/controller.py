@@ -545,7 +545,8 @@ class Reconciler:
         rendered = render_dns(claims, self.settings.gateway_namespace, self.settings.cluster_domain)
         problem = added = ""
         if self.dns is not None and (rendered.rules or self.settings.manage_coredns_import):
-            problem, added = self.dns.ensure_corefile(self.kube)
+            problem, added, version = self.dns.ensure_corefile(self.kube)
+            self.dns.nudge(self.kube, version)
         return DnsVerdicts(rendered, problem, added)
 
 

@@ -24,8 +24,10 @@ class EnvReader:
         """The stripped value, or ``default`` when unset or blank."""
         return self.env.get(name, "").strip() or default
 
-    def flag(self, name: str) -> bool:
+    def flag(self, name: str, default: bool = False) -> bool:
         value = self.get(name).lower()
+        if not value:
+            return default
         if value in _TRUE:
             return True
         if value not in _FALSE:

@@ -50,6 +50,8 @@ DEPLOYMENT = Resource("apps/v1", "Deployment", "deployments")
 HPA = Resource("autoscaling/v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers")
 NETWORK_POLICY = Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies")
 PDB = Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
+POD = Resource("v1", "Pod", "pods")
+ENDPOINT_SLICE = Resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
 
 GATEWAY_KINDS: tuple[Resource, ...] = (CONFIGMAP, NETWORK_POLICY, SERVICE, DEPLOYMENT, HPA, PDB)
 BY_KIND: dict[str, Resource] = {r.kind: r for r in (EXTERNAL_SERVICE, *GATEWAY_KINDS)}

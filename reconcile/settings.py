@@ -19,12 +19,15 @@ DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
 DEFAULT_HOSTNAME_KEY = "kubernetes.io/hostname"
-# Covers the kubelet's ConfigMap sync (~60 s), CoreDNS reload (~30 s) and cached answers.
+# Covers DNS propagation (seconds with the CoreDNS pod nudge and `reload 2s`, up to ~90 s
+# without) and answers clients cached before it (kubeadm's CoreDNS gives a TTL of 30 s).
 DEFAULT_DELETE_GRACE_S = 180
 DEFAULT_SWEEP_CONCURRENCY = 4
 DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"
 # Where the cluster's CoreDNS mounts DEFAULT_DNS_CONFIGMAP (see README, "Cluster DNS").
 DEFAULT_IMPORT_PATH = "/etc/coredns/egress-gateways/*.override"
+# The Service in front of the cluster's CoreDNS; its EndpointSlices name the pods to nudge.
+DEFAULT_COREDNS_SERVICE = "kube-dns"
 
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
 
@@ -58,6 +61,8 @@ class Settings:
     corefile_key: str = "Corefile"
     manage_coredns_import: bool = False
     coredns_import_path: str = DEFAULT_IMPORT_PATH
+    nudge_coredns_pods: bool = True
+    coredns_service_name: str = DEFAULT_COREDNS_SERVICE
     sweep_concurrency: int = DEFAULT_SWEEP_CONCURRENCY
 
     @classmethod
@@ -158,6 +163,8 @@ class Settings:
             corefile_key=corefile_key,
             manage_coredns_import=flag("MANAGE_COREDNS_IMPORT"),
             coredns_import_path=import_path,
+            nudge_coredns_pods=flag("NUDGE_COREDNS_PODS", True),
+            coredns_service_name=object_name("COREDNS_SERVICE_NAME", DEFAULT_COREDNS_SERVICE),
         )
         env_.raise_if_errors(SettingsError)
         return settings

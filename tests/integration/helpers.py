@@ -4,6 +4,7 @@ the dev node, and real pod readiness."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import time
@@ -199,3 +200,80 @@ def serve_offline_name(env: dict[str, str], dns_name: str, ip: str | None = None
     with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
         hosts.write(f"{ip or env['EGRESS_DEV_UPSTREAM_IP']} {dns_name}\n")
     return dns_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One request of a :class:`ContinuousClient`: when it ended, and what came back."""
+
+    at: float  # the machine's boot-time clock, seconds (same in pods: one kernel)
+    reply: str
+
+    @property
+    def ok(self) -> bool:
+        return self.reply.startswith("upstream tcp/")
+
+    @property
+    def peer(self) -> str:
+        for word in self.reply.split():
+            if word.startswith("peer="):
+                return word.removeprefix("peer=").rsplit(":", 1)[0]
+        return ""
+
+
+def boot_clock() -> float:
+    """The clock a pod's ``/proc/uptime`` shows, read on the machine."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+class ContinuousClient:
+    """TCP requests by name from a client pod, ``pause_s`` apart on ``loops`` parallel loops, as an
+    application without a DNS cache sends them: every request resolves the name anew (the
+    pod's resolv.conf, cluster DNS), connects, sends a line, reads the reply, closes.
+
+    The loops run detached inside the pod and log to a file there (a long ``kubectl exec``
+    stream can stall); ``stop()`` ends them and returns every request with its end time on the
+    machine's boot clock, so that callers can split them into the phases of a change.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        pod: str,
+        host: str,
+        port: int | str,
+        loops: int = 2,
+        pause_s: float = 0.05,
+    ):
+        self.namespace, self.pod = namespace, pod
+        tag = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.stop_file, self.log = f"/tmp/stop-{tag}", f"/tmp/log-{tag}"
+        one = (
+            f"while [ ! -e {self.stop_file} ]; do "
+            f"r=$(echo hi | nc -N -w 2 {host} {port} 2>&1 | head -c 300 | tr '\\n' ' '); "
+            f'read up _ < /proc/uptime; echo "$up $r"; sleep {pause_s}; done'
+        )
+        loops_ = " & ".join([f"( {one} )"] * loops)
+        script = f"( {loops_} & wait; echo end ) > {self.log} 2>&1 < /dev/null &"
+        res = kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script)
+        assert res.returncode == 0, res.stderr
+
+    def _log(self) -> str:
+        res = kubectl("exec", "-n", self.namespace, self.pod, "--", "cat", self.log)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    def stop(self) -> list[Sample]:
+        kubectl("exec", "-n", self.namespace, self.pod, "--", "sh", "-c", f": > {self.stop_file}")
+        def ended() -> str:
+            text = self._log()
+            return text if text.endswith("end\n") else ""
+
+        out = eventually(ended, 30, "the client to stop")
+        samples = []
+        for line in out.splitlines():
+            at, _, reply = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                samples.append(Sample(float(at), reply.strip()))
+        assert samples, f"the client sent nothing: {out[-2000:]}"
+        return sorted(samples, key=lambda s: s.at)

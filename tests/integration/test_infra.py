@@ -123,6 +123,17 @@ def test_overlay_builds_with_only_its_documented_placeholders(overlay: str) -> N
             assert any(who[overlay].matches(s) for s in subjects), obj
             if overlay != "dev":
                 assert len(subjects) == 1, f"{obj['metadata']['name']}: {subjects}"
+    # The CoreDNS nudge policy confines the same reconciler identity the bindings name.
+    (policy,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"] == f'request.userInfo.username == "{_username(overlay)}"'
+
+
+def _username(overlay: str) -> str:
+    who = RECONCILER[overlay]
+    if who.kind == "ServiceAccount":
+        return f"system:serviceaccount:{who.namespace}:{who.name}"
+    return who.name
 
 
 def test_gke_overlay_wires_workload_identity_and_the_image() -> None:
@@ -334,12 +345,97 @@ def test_reconciler_rbac_is_exactly_what_its_requests_need(
         Access("update", c.GROUP, "externalservices/finalizers", "", name),
         Access("delete", "policy", "poddisruptionbudgets", GATEWAY_NS, name),
         Access("list", "apps", "deployments", GATEWAY_NS, ""),
+        Access("list", "discovery.k8s.io", "endpointslices", "kube-system", ""),
     }
     assert expected_samples <= needed, sorted(expected_samples - needed)
+    assert any(a.verb == "patch" and a.resource == "pods" for a in needed), "no CoreDNS nudge"
     for overlay in OVERLAYS:
         objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
         problems = compare(needed, grants(objects, RECONCILER[overlay]), FIXED_NAMES)
         assert not problems, f"overlay {overlay}, reconciler:\n  " + "\n  ".join(problems)
+
+
+# --------------------------------------------------------------------------- CoreDNS nudge
+
+
+def _patch_pod_as_reconciler(
+    dev_stack: DevStack, name: str, patch: dict[str, Any], namespace: str = "kube-system"
+) -> tuple[int, str]:
+    """(HTTP status, message) of a merge patch sent as the reconciler's identity."""
+    from reconcile.errors import ReconcileError
+    from reconcile.kube import POD
+
+    kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
+    try:
+        kube.request(
+            "PATCH",
+            POD.path(namespace, name),
+            body=patch,
+            content_type="application/merge-patch+json",
+            final_statuses=frozenset({400, 403, 404, 409, 422}),
+        )
+    except ReconcileError as exc:
+        return exc.status or 0, str(exc)
+    return 200, ""
+
+
+@pytest.mark.cluster
+def test_the_reconciler_may_only_nudge_coredns_pods(dev_stack: DevStack, admin: Kube) -> None:
+    """RBAC lets the reconciler patch pods in kube-system; the admission policy narrows that to
+    one annotation on CoreDNS pods. Every other change is refused by the real API server."""
+    from reconcile.kube import POD
+
+    pods, _ = admin.list_all(POD, "kube-system", label_selector="k8s-app=kube-dns")
+    assert pods, "the dev stack runs CoreDNS as a pod"
+    coredns = pods[0]["metadata"]["name"]
+    key = c.ANNOTATION_DNS_RULES_VERSION
+    assert _patch_pod_as_reconciler(
+        dev_stack, coredns, {"metadata": {"annotations": {key: "t1"}}}
+    ) == (200, "")
+    live = admin.get(POD, coredns, "kube-system")
+    assert live is not None and live["metadata"]["annotations"][key] == "t1"
+    refused = {
+        "a label": {"metadata": {"labels": {"k8s-app": "not-dns"}}},
+        "a label with the annotation": {
+            "metadata": {"annotations": {key: "t2"}, "labels": {"extra": "x"}}
+        },
+        "another annotation": {"metadata": {"annotations": {"example.com/x": "1"}}},
+        "the spec": {"spec": {"activeDeadlineSeconds": 5}},
+        "finalizers": {"metadata": {"finalizers": ["example.com/hold"]}},
+    }
+    for what, patch in refused.items():
+        status, message = _patch_pod_as_reconciler(dev_stack, coredns, patch)
+        assert status == 422 and "egress-reconciler-coredns-nudge" in message, (what, message)
+    after = admin.get(POD, coredns, "kube-system")
+    assert after is not None
+    assert after["metadata"]["labels"] == live["metadata"]["labels"]
+    assert after["metadata"]["annotations"] == live["metadata"]["annotations"]
+    assert after["spec"] == live["spec"]
+    # A pod in kube-system that is not CoreDNS cannot even be annotated.
+    other = f"not-coredns-{os.getpid()}"
+    admin.request(
+        "POST",
+        POD.path("kube-system"),
+        body={
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": other, "labels": {"app": "other"}},
+            "spec": {
+                "nodeSelector": {"example.com/no-such-node": "true"},
+                "containers": [{"name": "c", "image": "egress-dev.local/pause:1"}],
+            },
+        },
+    )
+    try:
+        status, message = _patch_pod_as_reconciler(
+            dev_stack, other, {"metadata": {"annotations": {key: "t3"}}}
+        )
+        assert status == 422 and "CoreDNS pods" in message, message
+    finally:
+        admin.delete(POD, other, "kube-system")
+    # Outside kube-system RBAC alone refuses.
+    status, _ = _patch_pod_as_reconciler(dev_stack, "any", {}, namespace=GATEWAY_NS)
+    assert status == 403
 
 
 class FakePublisher:

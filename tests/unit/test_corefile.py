@@ -60,7 +60,7 @@ def test_adds_reload_when_missing_and_keeps_comments_and_other_blocks() -> None:
         "# Our cluster DNS. Keep this comment.\nexample.org:53 {\n    forward . 10.0.0.1  # corporate resolver\n}"
     )
     tail = out.split(".:53 {", 1)[1]
-    assert f"    {IMPORT}\n    reload\n}}" in tail
+    assert f"    {IMPORT}\n    reload 2s\n}}" in tail
     assert "reload" not in out.split(".:53 {", 1)[0]
     assert ensure_import(out, IMPORT, "cluster.local") == out
 

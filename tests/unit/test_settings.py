@@ -47,6 +47,13 @@ def test_original_operator_environment() -> None:
     assert settings.cluster_domain == "corp.internal"
 
 
+def test_the_coredns_nudge_is_on_unless_switched_off() -> None:
+    assert Settings.from_env({}).nudge_coredns_pods
+    assert Settings.from_env({"NUDGE_COREDNS_PODS": ""}).nudge_coredns_pods
+    off = Settings.from_env({"NUDGE_COREDNS_PODS": "false", "COREDNS_SERVICE_NAME": "dns"})
+    assert not off.nudge_coredns_pods and off.coredns_service_name == "dns"
+
+
 def test_skews_without_the_switch_add_no_constraint() -> None:
     assert Settings.from_env({"POD_TOPOLOGY_ZONE_MAX_SKEW": "1"}).topology_spread == ()
 
@@ -68,6 +75,8 @@ BAD = [
     ("ENABLE_POD_TOPOLOGY_SPREAD", {"ENABLE_POD_TOPOLOGY_SPREAD": "true"}),
     ("ENABLE_SERVICE_TOPOLOGY_MODE", {"ENABLE_SERVICE_TOPOLOGY_MODE": "auto"}),
     ("POD_TOPOLOGY_ZONE_MAX_SKEW_KEY", {"POD_TOPOLOGY_ZONE_MAX_SKEW_KEY": "/zone"}),
+    ("NUDGE_COREDNS_PODS", {"NUDGE_COREDNS_PODS": "sometimes"}),
+    ("COREDNS_SERVICE_NAME", {"COREDNS_SERVICE_NAME": "Kube DNS"}),
 ]
 
 
