@@ -265,6 +265,7 @@ class ContinuousClient:
 
     def stop(self) -> list[Sample]:
         kubectl("exec", "-n", self.namespace, self.pod, "--", "sh", "-c", f": > {self.stop_file}")
+
         def ended() -> str:
             text = self._log()
             return text if text.endswith("end\n") else ""
