@@ -40,6 +40,7 @@ from tests.integration.helpers import (
 )
 
 HASH = c.ANNOTATION_CONFIG_HASH
+CLIENT = "changes-client"
 PHASES = ("add-port", "roll", "hand-edit", "sweep-repair", "delete")
 
 
@@ -88,7 +89,7 @@ def _rolled_out(admin: Kube, name: str) -> bool:
     ):
         return False
     items, _ = admin.list_all(POD, GATEWAY_NS, f"{c.LABEL_GATEWAY}={name}")
-    return len(items) == want
+    return bool(len(items) == want)
 
 
 def run_changes(
@@ -108,7 +109,7 @@ def run_changes(
     client = run_pod(
         k8s,
         namespace,
-        "client",
+        CLIENT,
         env["EGRESS_DEV_CLIENT_IMAGE"],
         ["sleep", "3600"],
         labels={c.grant_label(name): c.GRANT_LABEL_VALUE},
@@ -124,14 +125,14 @@ def run_changes(
     assert service is not None
     cluster_ip = service["spec"]["clusterIP"]
     eventually(
-        lambda: cluster_ip in sh(namespace, "client", f"nslookup {dns_name}").stdout,
+        lambda: cluster_ip in sh(namespace, CLIENT, f"nslookup {dns_name}").stdout,
         60,
         "the client to resolve the name to the gateway",
     )
     run = ChangesRun(client_ip, [])
-    traffic = ContinuousClient(namespace, "client", dns_name, tcp_port)
+    traffic = ContinuousClient(namespace, CLIENT, dns_name, tcp_port)
 
-    def phase(label: str, change: Callable[[], None], done: Callable[[Result], bool]) -> None:
+    def phase(label: str, change: Callable[[], object], done: Callable[[Result], bool]) -> None:
         current = Phase(label, boot_clock())
         change()
         eventually(lambda: done(reconciler.reconcile(name)), 240, f"{label} to settle")
@@ -191,5 +192,5 @@ def run_changes(
         samples = traffic.stop()
     for p in run.phases:
         p.samples = [s for s in samples if p.start <= s.at < p.end]
-    kubectl("delete", "pod", "-n", namespace, "client", "--wait=false")
+    kubectl("delete", "pod", "-n", namespace, CLIENT, "--wait=false")
     return run
