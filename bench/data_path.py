@@ -5,6 +5,8 @@ Prints:
   BENCH_DATA_PATH_N (default 10) gateways; the reconciler runs as soon as the Deployment shows
   a Ready pod (as on the exporter's notice), writes the rule and nudges the CoreDNS pods;
 - ExternalService deleted -> the client pod's answer is the real address again, p50/p95;
+- the first figure again with NUDGE_COREDNS_PODS off, over BENCH_DATA_PATH_BASELINE_N (default
+  3; the kubelet's own sync, about a minute each) gateways, as a ratio;
 - requests failed during each change of the zero-outage scenario (tests/integration/changes.py:
   add a port, roll, hand edit, sweep repair, delete), with the request rate;
 - throughput of one gateway pod: requests per second and p99 latency for one-line requests over
@@ -17,6 +19,7 @@ Run: `make bench` (or `.venv/bin/python -m bench.data_path`). Uses its own stack
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -78,7 +81,7 @@ class AnswerWatch:
 
 
 def dns_timings(
-    admin: Kube, reconciler: Reconciler, env: dict[str, str], n: int
+    admin: Kube, reconciler: Reconciler, env: dict[str, str], n: int, restore: bool = True
 ) -> tuple[list[float], list[float]]:
     to_hijack: list[float] = []
     to_restored: list[float] = []
@@ -96,6 +99,8 @@ def dns_timings(
             ready_at = boot_clock()
             assert reconciler.reconcile(name).hijack_state == "true"
             to_hijack.append(hijack.at() - ready_at)
+            if not restore:
+                continue
             restored = AnswerWatch(dns_name, cluster_ip, absent=True)
             deleted_at = boot_clock()
             admin.delete(EXTERNAL_SERVICE, name)
@@ -185,6 +190,16 @@ def main() -> int:
             )
             print(f"ExternalService deleted -> real address again in the pod ({n}): "
                   f"{fmt(to_restored)}")  # fmt: skip
+            baseline_n = int(os.environ.get("BENCH_DATA_PATH_BASELINE_N", "3"))
+            if baseline_n:
+                quiet = build_reconciler(
+                    kube, dataclasses.replace(settings, nudge_coredns_pods=False)
+                )
+                slow, _ = dns_timings(admin, quiet, env, baseline_n, restore=False)
+                print(
+                    f"the same without the nudge ({baseline_n} gateways): {fmt(slow)}: the nudge "
+                    f"is {percentile(slow, 50) / percentile(to_hijack, 50):.0f}x faster at p50"
+                )
             run = run_changes(
                 k8s, admin, build_reconciler(kube, dev_settings(
                     delete_grace_s=15, coredns_import_path=env["COREDNS_IMPORT_PATH"])),

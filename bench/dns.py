@@ -132,8 +132,8 @@ def bench_propagation(
     print(
         f"hijack state true -> first rewritten answer over {rounds} gateways: "
         f"p50 {statistics.median(latencies):.2f} s, max {latencies[-1]:.2f} s "
-        f"(kubelet ConfigMap sync {os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '60')} s on the dev "
-        "node + CoreDNS reload 2s; budget ~2 min in a real cluster)"
+        f"(kubelet sync {os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '60')} s, CoreDNS pods "
+        "nudged, reload 2s)"
     )
     for i in range(rounds):
         admin.merge_patch(EXTERNAL_SERVICE, f"prop-{i}", {"metadata": {"finalizers": None}})

@@ -135,8 +135,8 @@ def main() -> int:
         print(f"new ExternalService -> first Ready gateway pod ({n} services): {fmt(to_ready)}")
         print(
             f"new ExternalService -> first byte through the gateway by its real name ({n}): "
-            f"{fmt(to_byte)} (includes the DNS rule reaching the client: kubelet sync "
-            f"{os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '60')} s + CoreDNS reload 2 s)"
+            f"{fmt(to_byte)} (includes the DNS rule reaching the client: CoreDNS pods nudged, "
+            f"reload 2s; kubelet sync {os.environ.get('EGRESS_DEV_KUBELET_SYNC_S', '60')} s)"
         )
         if rss_mib:
             print(

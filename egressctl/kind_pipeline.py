@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from egressctl.pipeline import FUNCTIONS, LocalPipeline, PipelineConfig
+from reconcile.settings import DEFAULT_DELETE_GRACE_S
 
 DEFAULT_PROJECT = "egress-kind"
-# A real cluster: kubelet syncs mounted ConfigMaps in about a minute and CoreDNS reloads every
-# 30 s or so, so a deleted gateway keeps serving this long after its DNS rule is withdrawn.
-DEFAULT_DELETE_GRACE_S = 180
+# A real cluster gets the product's DEFAULT_DELETE_GRACE_S (DNS moves in seconds with the
+# CoreDNS pod nudge and `reload 2s`, which kind.sh sets; the rest covers cached answers).
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:

@@ -19,9 +19,12 @@ DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
 DEFAULT_HOSTNAME_KEY = "kubernetes.io/hostname"
-# Covers DNS propagation (seconds with the CoreDNS pod nudge and `reload 2s`, up to ~90 s
-# without) and answers clients cached before it (kubeadm's CoreDNS gives a TTL of 30 s).
-DEFAULT_DELETE_GRACE_S = 180
+# How long a deleted gateway keeps serving after its DNS rule is withdrawn: DNS propagation
+# (p95 2 s measured with the CoreDNS pod nudge and `reload 2s`; up to ~105 s without the nudge:
+# kubelet sync 60 s + jitter, and kubeadm's `reload` 30 s +- 15 s) plus answers clients cached
+# just before (kubeadm's CoreDNS gives a TTL of 30 s), with margin.
+DEFAULT_DELETE_GRACE_S = 60
+DEFAULT_DELETE_GRACE_WITHOUT_NUDGE_S = 180
 DEFAULT_SWEEP_CONCURRENCY = 4
 DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"
 # Where the cluster's CoreDNS mounts DEFAULT_DNS_CONFIGMAP (see README, "Cluster DNS").
@@ -144,6 +147,7 @@ class Settings:
                     "POD_TOPOLOGY_ZONE_MAX_SKEW nor POD_TOPOLOGY_HOSTNAME_MAX_SKEW is set"
                 )
 
+        nudge = flag("NUDGE_COREDNS_PODS", True)
         settings = cls(
             envoy_image=image,
             gateway_namespace=namespace,
@@ -155,7 +159,11 @@ class Settings:
             topology_spread=tuple(spread),
             service_topology_mode=flag("ENABLE_SERVICE_TOPOLOGY_MODE"),
             enable_pdb=flag("ENABLE_PDB"),
-            delete_grace_s=whole_number("DELETE_GRACE_SECONDS", DEFAULT_DELETE_GRACE_S, 0),
+            delete_grace_s=whole_number(
+                "DELETE_GRACE_SECONDS",
+                DEFAULT_DELETE_GRACE_S if nudge else DEFAULT_DELETE_GRACE_WITHOUT_NUDGE_S,
+                0,
+            ),
             sweep_concurrency=whole_number("SWEEP_CONCURRENCY", DEFAULT_SWEEP_CONCURRENCY, 1),
             dns_configmap_namespace=dns_ns,
             dns_configmap_name=object_name("DNS_CONFIGMAP_NAME", DEFAULT_DNS_CONFIGMAP),
@@ -163,7 +171,7 @@ class Settings:
             corefile_key=corefile_key,
             manage_coredns_import=flag("MANAGE_COREDNS_IMPORT"),
             coredns_import_path=import_path,
-            nudge_coredns_pods=flag("NUDGE_COREDNS_PODS", True),
+            nudge_coredns_pods=nudge,
             coredns_service_name=object_name("COREDNS_SERVICE_NAME", DEFAULT_COREDNS_SERVICE),
         )
         env_.raise_if_errors(SettingsError)

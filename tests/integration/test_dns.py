@@ -30,7 +30,8 @@ from tests.integration.helpers import (
 pytestmark = pytest.mark.cluster
 
 DNS_CM = "egress-gateway-dns"
-# Propagation here: configsync (~1 s) + CoreDNS reload (2 s) + cache (5 s).
+# Propagation on the dev node: the nudged kubelet (~1 s) + CoreDNS reload (2 s). The kubelet
+# syncs every 60 s on its own, so these deadlines also prove that the nudge works.
 DNS_DEADLINE_S = 30
 
 
@@ -108,6 +109,35 @@ def test_hijacked_name_answers_the_gateway_and_keeps_its_name(
     assert es is not None
     cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
     assert cond["status"] == "True"
+
+
+def test_each_dns_write_nudges_the_coredns_pods_with_its_version(
+    admin: Kube, reconciler: Reconciler, settings: Settings, names: list[str], unique: str
+) -> None:
+    """After a write, every CoreDNS pod carries the rules ConfigMap's new resourceVersion; with
+    the nudge switched off, a write leaves the pods alone."""
+    from reconcile.constants import ANNOTATION_DNS_RULES_VERSION as KEY
+    from reconcile.kube import POD
+
+    def versions() -> set[str]:
+        pods, _ = admin.list_all(POD, "kube-system", label_selector="k8s-app=kube-dns")
+        return {(p["metadata"].get("annotations") or {}).get(KEY, "") for p in pods}
+
+    hijacked_gateway(admin, reconciler, names, f"ndg-{unique}", f"ndg-{unique}.example.com")
+    cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert cm is not None
+    assert versions() == {cm["metadata"]["resourceVersion"]}
+    quiet = build_reconciler(
+        reconciler.kube, dataclasses.replace(settings, nudge_coredns_pods=False)
+    )
+    admin.delete(EXTERNAL_SERVICE, f"ndg-{unique}")
+    assert quiet.reconcile(f"ndg-{unique}").outcome in (Outcome.DELETING, Outcome.DELETED)
+    after = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert (
+        after is not None
+        and after["metadata"]["resourceVersion"] != cm["metadata"]["resourceVersion"]
+    )
+    assert versions() == {cm["metadata"]["resourceVersion"]}
 
 
 def test_names_we_do_not_manage_are_forwarded_untouched(dev_stack: DevStack) -> None:
