@@ -4,7 +4,10 @@ Acknowledge or retry is the one decision every handler makes, and Pub/Sub reads 
 HTTP status: return (2xx) acknowledges, raise (500) asks for redelivery. So:
 
 - malformed, oversized, unknown-name, invalid-spec and forbidden are *permanent*: logged with
-  the reason and acknowledged, since a retry would fail the same way forever;
+  the reason and acknowledged, since a retry would fail the same way forever. "Malformed" is
+  anything the parsing of a message (or of a repair body: a 400) raises, whatever the exception
+  (hostile input makes Python's own parsers fail without a ValueError); parsing calls nothing,
+  so nothing transient hides there, and a parser bug is logged as an error but still refused;
 - conflicts, overload, timeouts and server errors are *transient*: raised, and Pub/Sub
   redelivers with backoff (a dead-letter topic bounds the attempts);
 - notices older than ``MAX_EVENT_AGE_SECONDS`` are acknowledged and left to the sweep.
@@ -26,11 +29,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from functions import logs
-from functions.notice import BadNotice, Notice, decode_data, parse_notice, valid_name
+from functions.notice import (
+    BadNotice,
+    Malformed,
+    Notice,
+    clip,
+    decode_data,
+    load_json,
+    parse_notice,
+    parse_time,
+    preview,
+    valid_name,
+)
 from functions.settings import MAX_CLOCK_SKEW_S, PipelineSettings
 from reconcile.settings import Settings
 
 log = logs.get("functions")
+
+# Refusals are logged and answered; a message can make one long, never the log line huge.
+MAX_REASON_CHARS = 300
+# A repair body is well under 1 KiB; anything this large is not a repair request.
+MAX_REPAIR_BODY_BYTES = 65536
 
 ApiClientFactory = Callable[[], Any]
 
@@ -83,43 +102,52 @@ class Runtime:
 
 @dataclass(frozen=True)
 class Delivery:
-    """What a CloudEvent from Pub/Sub (Eventarc, or functions-framework's push conversion) says."""
+    """What a CloudEvent from Pub/Sub (Eventarc, or functions-framework's push conversion) says.
+
+    Only what every log line of the delivery needs; the Pub/Sub message is checked by
+    ``notice_of``, so that a refusal is logged with the event id and trace too.
+    """
 
     event_id: str
-    published: dt.datetime | None
-    data: object
-    attributes: dict[str, Any]
     trace: str
     span: str | None
+    message: object
 
 
 def delivery_of(event: Any) -> Delivery:
-    """Unwrap the Pub/Sub message of a CloudEvent; raises BadNotice if it is not one."""
-    event_id = str(_attr(event, "id") or "")
-    published = None
-    raw_time = _attr(event, "time")
-    if raw_time:
-        try:
-            published = dt.datetime.fromisoformat(str(raw_time).replace("Z", "+00:00"))
-        except ValueError:
-            published = None
+    """The ids and the unchecked Pub/Sub message of a CloudEvent; never raises."""
+    event_id = _text(_attr(event, "id"))
     payload = getattr(event, "data", None)
     message = payload.get("message") if isinstance(payload, dict) else None
-    if not isinstance(message, dict):
-        raise BadNotice("CloudEvent data is not a Pub/Sub message ({'message': {...}})")
-    attributes = message.get("attributes") or {}
-    if not isinstance(attributes, dict):
-        raise BadNotice("message attributes are not a map")
-    trace, span = logs.trace_from(
-        str(_attr(event, "traceparent") or attributes.get("traceparent") or "") or None
-    )
+    attributes = message.get("attributes") if isinstance(message, dict) else None
+    traceparent = _text(_attr(event, "traceparent"))
+    if not traceparent and isinstance(attributes, dict):
+        traceparent = _text(attributes.get("traceparent"))
+    trace, span = logs.trace_from(traceparent or None)
     if not trace:
         # No trace propagated: derive a stable one from the message id, so every line of one
         # delivery (and of its redeliveries) groups together.
         import hashlib
 
         trace = hashlib.sha256(f"pubsub:{event_id}".encode()).hexdigest()[:32]
-    return Delivery(event_id, published, message.get("data"), attributes, trace, span)
+    return Delivery(event_id, trace, span, message)
+
+
+def notice_of(delivery: Delivery, max_bytes: int) -> Notice:
+    """The notice a Pub/Sub message carries; raises BadNotice if it carries none."""
+    message = delivery.message
+    if not isinstance(message, dict):
+        raise BadNotice("CloudEvent data is not a Pub/Sub message ({'message': {...}})")
+    attributes = message.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise BadNotice("message attributes are not a map")
+    notice = parse_notice(decode_data(message.get("data"), max_bytes))
+    attr_name = attributes.get("name")
+    if attr_name is not None and attr_name != notice.name:
+        raise BadNotice(
+            f"attribute name {preview(attr_name)} does not match notice name {notice.name!r}"
+        )
+    return notice
 
 
 def _attr(event: Any, name: str) -> Any:
@@ -130,32 +158,39 @@ def _attr(event: Any, name: str) -> Any:
         return getter(name) if callable(getter) else None
 
 
+def _text(value: object, limit: int = 200) -> str:
+    """An attribute as bounded text: CloudEvent attributes are strings unless someone is hostile."""
+    if value is None:
+        return ""
+    return clip(value, limit) if isinstance(value, str) else preview(value, limit)
+
+
+def _refusal(exc: Exception) -> tuple[str, int]:
+    """Why input that cannot be parsed was refused, and the level to log it at."""
+    if isinstance(exc, Malformed):
+        return clip(str(exc), MAX_REASON_CHARS), logging.WARNING
+    # Not a reason we wrote: a parser bug, logged as an error to be fixed. The same input would
+    # fail the same way on every retry, so it is refused all the same.
+    return f"cannot be parsed ({type(exc).__name__}: {clip(str(exc), 120)})", logging.ERROR
+
+
 def handle_event(rt: Runtime, event: Any) -> None:
     """Reconcile the ExternalService a notice names; see the module docstring for ack/retry."""
     started = time.monotonic()
-    try:
-        delivery = delivery_of(event)
-    except BadNotice as exc:
-        logs.log(log, logging.WARNING, f"malformed event acknowledged: {exc}", outcome="malformed")
-        return
+    delivery = delivery_of(event)
     with logs.context(
         function="event", eventId=delivery.event_id, trace=delivery.trace, spanId=delivery.span
     ):
         try:
-            notice = parse_notice(decode_data(delivery.data, rt.pipeline.max_notice_bytes))
-            attr_name = delivery.attributes.get("name")
-            if attr_name is not None and attr_name != notice.name:
-                raise BadNotice(
-                    f"attribute name {str(attr_name)[:80]!r} does not match notice name "
-                    f"{notice.name!r}"
-                )
-        except BadNotice as exc:
+            notice = notice_of(delivery, rt.pipeline.max_notice_bytes)
+        except Exception as exc:  # parsing only: see the module docstring
+            reason, level = _refusal(exc)
             logs.log(
                 log,
-                logging.WARNING,
-                f"malformed notice acknowledged: {exc}",
+                level,
+                f"malformed notice acknowledged: {reason}",
                 outcome="malformed",
-                reason=str(exc),
+                reason=reason,
             )
             return
         with logs.context(externalService=notice.name):
@@ -282,25 +317,27 @@ def handle_sweep(rt: Runtime, event: Any) -> dict[str, Any] | None:
     would only run a second full sweep.
     """
     started = time.monotonic()
-    event_id = str(_attr(event, "id") or "")
-    trace, span = logs.trace_from(str(_attr(event, "traceparent") or "") or None)
+    event_id = _text(_attr(event, "id"))
+    trace, span = logs.trace_from(_text(_attr(event, "traceparent")) or None)
     with logs.context(function="sweep", eventId=event_id, trace=trace or None, spanId=span):
-        raw_time = _attr(event, "time")
-        if raw_time:
-            try:
-                when = dt.datetime.fromisoformat(str(raw_time).replace("Z", "+00:00"))
-                age = (rt.clock() - when).total_seconds()
-                if age > rt.pipeline.max_event_age_s:
-                    logs.log(
-                        log,
-                        logging.INFO,
-                        f"stale sweep trigger acknowledged ({age:.0f}s old); the next one runs",
-                        outcome="stale",
-                    )
-                    return None
-            except (TypeError, ValueError):
-                pass
+        age = _age_s(rt, _attr(event, "time"))
+        if age is not None and age > rt.pipeline.max_event_age_s:
+            logs.log(
+                log,
+                logging.INFO,
+                f"stale sweep trigger acknowledged ({age:.0f}s old); the next one runs",
+                outcome="stale",
+            )
+            return None
         return sweep_logged(rt, dry_run=False, started=started)
+
+
+def _age_s(rt: Runtime, raw_time: object) -> float | None:
+    """Seconds since a trigger's time; None if it has none that reads as a time in UTC."""
+    try:
+        return (rt.clock() - parse_time(_text(raw_time))).total_seconds()
+    except (OverflowError, ValueError):
+        return None
 
 
 def sweep_logged(rt: Runtime, *, dry_run: bool, started: float | None = None) -> dict[str, Any]:
@@ -350,31 +387,31 @@ def sweep_logged(rt: Runtime, *, dry_run: bool, started: float | None = None) ->
 # -- repair over HTTP -----------------------------------------------------------------------
 
 
-class BadRequest(ValueError):
-    pass
+class BadRequest(Malformed):
+    """The repair request cannot be served as sent: 400 with the reason."""
 
 
 def parse_repair_body(raw: bytes, content_type: str | None) -> tuple[str | None, bool]:
     """``{"name": optional string, "dryRun": optional bool}``; raises BadRequest with why."""
+    if len(raw) > MAX_REPAIR_BODY_BYTES:
+        raise BadRequest(f"body is larger than {MAX_REPAIR_BODY_BYTES} bytes ({len(raw)} bytes)")
     if not raw.strip():
         return None, False
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"body is not JSON: {exc}") from None
+    # utf-8-sig: some shells (PowerShell) prefix a byte order mark.
+    body = load_json(raw, "body", BadRequest, encoding="utf-8-sig")
     if not isinstance(body, dict):
         raise BadRequest('body must be a JSON object like {"name": "google", "dryRun": true}')
     unknown = sorted(set(body) - {"name", "dryRun"})
     if unknown:
-        raise BadRequest(
-            f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: 'name', 'dryRun'"
-        )
+        shown = ", ".join(preview(key, 40) for key in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise BadRequest(f"unknown field(s) {shown}{more}; allowed: 'name', 'dryRun'")
     name = body.get("name")
     if name is not None and not valid_name(name):
-        raise BadRequest(f"name must be an ExternalService name, got {json.dumps(name)[:80]}")
+        raise BadRequest(f"name must be an ExternalService name, got {preview(name)}")
     dry_run = body.get("dryRun", False)
     if not isinstance(dry_run, bool):
-        raise BadRequest(f"dryRun must be true or false, got {json.dumps(dry_run)[:40]}")
+        raise BadRequest(f"dryRun must be true or false, got {preview(dry_run, 40)}")
     return name, dry_run
 
 
@@ -387,11 +424,15 @@ def handle_repair(rt: Runtime, request: Any) -> tuple[str, int, dict[str, str]]:
     with logs.context(function="repair", trace=trace or None, spanId=span):
         if request.method not in ("POST", "PUT"):
             return _json({"error": "use POST with a JSON body"}), 405, headers
+        raw = request.get_data()
         try:
-            name, dry_run = parse_repair_body(request.get_data(), request.content_type)
-        except BadRequest as exc:
-            logs.log(log, logging.WARNING, f"repair: bad request: {exc}", outcome="bad-request")
-            return _json({"error": str(exc)}), 400, headers
+            name, dry_run = parse_repair_body(raw, request.content_type)
+        except Exception as exc:  # parsing only: see the module docstring
+            reason, level = _refusal(exc)
+            logs.log(
+                log, level, f"repair: bad request: {reason}", outcome="bad-request", reason=reason
+            )
+            return _json({"error": reason}), 400, headers
         from reconcile.errors import TransientError
 
         try:

@@ -39,7 +39,11 @@ FIELDS = frozenset({"v", "name", "kind", "change", "type", "resourceVersion", "t
 _RV = re.compile(r"^[0-9]{1,20}$")
 
 
-class BadNotice(ValueError):
+class Malformed(ValueError):
+    """Input that can never be processed, however often it is retried; the text says why."""
+
+
+class BadNotice(Malformed):
     """The message can never be processed; the text says why (it goes to the log)."""
 
 
@@ -76,10 +80,44 @@ def format_time(when: dt.datetime) -> str:
 
 
 def parse_time(text: str) -> dt.datetime:
+    """An RFC 3339 time in UTC; OverflowError if UTC cannot hold it (year 1 east of Greenwich)."""
     value = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     if value.tzinfo is None:
         raise ValueError("no time zone")
     return value.astimezone(dt.UTC)
+
+
+def clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def preview(value: object, limit: int = 80) -> str:
+    """A value taken from a message, as bounded JSON text for a refusal or a log line.
+
+    Never the whole payload (it may be huge, or carry something that is not ours to log) and
+    never an exception: a refusal that cannot be worded must still be a refusal.
+    """
+    try:
+        return clip(json.dumps(value[: limit + 1] if isinstance(value, str) else value), limit)
+    except (RecursionError, TypeError, ValueError):
+        return f"<{type(value).__name__}>"
+
+
+def load_json(
+    data: bytes, what: str, error: type[Malformed] = Malformed, encoding: str = "utf-8"
+) -> object:
+    """JSON from untrusted bytes; every way it can fail raises ``error`` naming ``what``."""
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        raise error(f"{what} is not UTF-8 text") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise error(f"{what} is JSON nested too deeply") from None
+    except ValueError as exc:
+        # Also Python's limit on integer digits, which is not a JSON rule but is still a refusal.
+        raise error(f"{what} is not JSON: {clip(str(exc), 120)}") from None
 
 
 def valid_name(name: object) -> bool:
@@ -110,14 +148,7 @@ def parse_notice(data: bytes) -> Notice:
     """Decode and validate a notice body; raises BadNotice with the reason."""
     if not data:
         raise BadNotice("message data is empty")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadNotice("message data is not UTF-8 text") from None
-    try:
-        body = json.loads(text)
-    except ValueError as exc:
-        raise BadNotice(f"message data is not JSON: {exc}") from None
+    body = load_json(data, "message data", BadNotice)
     if not isinstance(body, dict):
         raise BadNotice(f"notice must be a JSON object, got {type(body).__name__}")
     version = body.get("v")
@@ -147,6 +178,8 @@ def parse_notice(data: bytes) -> Notice:
         raise BadNotice(f"resourceVersion {body['resourceVersion'][:40]!r} is not a number")
     try:
         when = parse_time(body["time"])
+    except OverflowError:
+        raise BadNotice(f"time {body['time'][:40]!r} is out of range") from None
     except ValueError:
         raise BadNotice(f"time {body['time'][:40]!r} is not an RFC 3339 timestamp") from None
     return Notice(name, body["kind"], body["change"], body["type"], body["resourceVersion"], when)
