@@ -9,7 +9,8 @@ The question is rewritten to the gateway Service's cluster name, the ``kubernete
 answers it with the ClusterIP (``rewrite`` always runs before it, whatever the line order), and
 for ``exact`` rules CoreDNS rewrites the answer back so the client sees the name it asked for.
 
-Guards: names inside the cluster domain, ``localhost``, reverse zones, single labels and
+Guards: names inside the cluster domain, ``localhost``, reverse zones, cloud metadata names
+(the list is shared with the spec parser, which refuses them as upstreams), single labels and
 malformed names are never hijacked, and a name claimed by two ExternalServices goes to the
 older one. Every refusal names the ExternalService and why, for its DnsHijacked condition.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from reconcile.spec import check_dns_name
+from reconcile.spec import check_dns_name, is_metadata_name
 
 HEADER = "# Managed by egress-gateways: one rewrite per hijacked ExternalService. Do not edit.\n"
 KEY_PREFIX = "egress-gateways-"
@@ -32,9 +33,6 @@ REASON_DUPLICATE = "DuplicateDnsName"
 REASON_FORBIDDEN = "ForbiddenDnsName"
 REASON_CAPACITY = "DnsCapacityExceeded"
 
-# Answered per node: hijacking them would hand a gateway's credentials to every granted pod.
-NODE_LOCAL_NAMES = frozenset({"metadata.google.internal"})
-
 _RULE = re.compile(r"^rewrite stop name exact (\S+) (\S+)$")
 
 
@@ -42,7 +40,9 @@ _RULE = re.compile(r"^rewrite stop name exact (\S+) (\S+)$")
 class Claim:
     """One gateway asking for its dnsName to be hijacked. Orders oldest first."""
 
-    claimed_at: str  # the ExternalService's creationTimestamp (RFC 3339 sorts as text)
+    # When this gateway started to hold this name (hijack state turned true with this dnsName;
+    # RFC 3339, sorts as text). Editing dnsName or hijackDns starts a new, younger claim.
+    claimed_at: str
     name: str  # ExternalService (and Service) name
     dns_name: str
 
@@ -69,23 +69,84 @@ class InvalidSnippet(ValueError):
     """A rendered snippet failed validation; it must never reach CoreDNS."""
 
 
-def forbidden_reason(dns_name: str, cluster_domain: str) -> str | None:
-    """Why ``dns_name`` may never be hijacked, or None if it may."""
-    name = dns_name.lower().rstrip(".")
-    domain = cluster_domain.lower().rstrip(".")
+# Namespaces every cluster has: "<service>.<namespace>" is a partial Service name that the
+# pods' DNS search path completes, so such a name means something inside the cluster.
+SYSTEM_NAMESPACES = frozenset({"default", "kube-system", "kube-public", "kube-node-lease"})
+# Last labels of partial cluster names: "<svc>.<ns>.svc" and "<a-b-c-d>.<ns>.pod".
+CLUSTER_SUFFIXES = frozenset({"svc", "pod"})
+# Names that nodes and private resolvers answer, never the internet: cloud VMs' own names
+# (GCE "<vm>.<zone>.c.<project>.internal", AWS "ip-<address>.ec2.internal" and
+# "<region>.compute.internal", Azure "<vm>.internal.cloudapp.net" and "reddog.microsoft.com"),
+# ICANN's private-use ".internal", mDNS ".local", RFC 8375 ".home.arpa" and ".localdomain".
+# Hijacking one would send node-to-node or private traffic to a tenant's gateway.
+PRIVATE_SUFFIXES = (
+    "internal",
+    "internal.cloudapp.net",
+    "reddog.microsoft.com",
+    "local",
+    "localdomain",
+    "home.arpa",
+    "arpa",
+)
+# Endpoints the product itself needs from inside the cluster (the exporter publishes to Pub/Sub
+# and gets its token through Workload Identity): a tenant must not be able to cut it off.
+PRODUCT_NAMES = frozenset(
+    {
+        "pubsub.googleapis.com",
+        "oauth2.googleapis.com",
+        "sts.googleapis.com",
+        "iamcredentials.googleapis.com",
+    }
+)
+
+
+def forbidden_reason(
+    dns_name: str, cluster_domain: str, namespaces: frozenset[str] = frozenset()
+) -> str | None:
+    """Why ``dns_name`` may never be hijacked, or None if it may.
+
+    ``namespaces`` are namespaces of this installation (the gateway namespace, CoreDNS's) that
+    count as partial Service names' second label, besides SYSTEM_NAMESPACES.
+    """
+    name = normalize_dns_name(dns_name)
+    domain = normalize_dns_name(cluster_domain)
+    labels = name.split(".")
     if check_dns_name(name):
         return f"{dns_name!r} is not a valid external DNS name"
     if name == domain or name.endswith("." + domain):
         return f"{dns_name!r} is inside the cluster domain {domain!r}"
     if name == "localhost" or name.endswith(".localhost"):
         return f"{dns_name!r} is a localhost name"
-    if name.endswith(".in-addr.arpa") or name.endswith(".ip6.arpa"):
+    if name.endswith(("in-addr.arpa", "ip6.arpa")):
         return f"{dns_name!r} is a reverse-lookup name"
-    if name.endswith(".svc"):
-        return f"{dns_name!r} is a partial cluster Service name"
-    if name in NODE_LOCAL_NAMES:
+    if labels[-1] in CLUSTER_SUFFIXES:
+        return f"{dns_name!r} is a partial cluster Service or Pod name"
+    if len(labels) == 2 and labels[1] in SYSTEM_NAMESPACES | namespaces:
+        return f"{dns_name!r} is a partial cluster Service name (<service>.<namespace>)"
+    if is_metadata_name(name):
         return f"{dns_name!r} names the node's metadata server"
+    for suffix in PRIVATE_SUFFIXES:
+        if name == suffix or name.endswith("." + suffix):
+            return (
+                f"{dns_name!r} is a private name (.{suffix}) that nodes, not the internet, answer"
+            )
+    if name in PRODUCT_NAMES:
+        return f"{dns_name!r} is an endpoint the egress-gateway exporter itself needs"
     return None
+
+
+def _age(claim: Claim) -> tuple[str, str]:
+    """Oldest first; whole-second times (creationTimestamps of older versions) sort as ``.000000``
+    so that they compare correctly with microsecond claim times."""
+    at = claim.claimed_at
+    if len(at) == 20 and at.endswith("Z"):
+        at = at[:-1] + ".000000Z"
+    return at, claim.name
+
+
+def normalize_dns_name(dns_name: str) -> str:
+    """The form names are compared and written in: DNS is case-insensitive, the root dot implied."""
+    return dns_name.strip().lower().rstrip(".")
 
 
 def target_name(service: str, namespace: str, cluster_domain: str) -> str:
@@ -96,23 +157,24 @@ def render(claims: list[Claim], namespace: str, cluster_domain: str) -> Rendered
     """Grant each name to its oldest valid claim; shard the rules into ConfigMap keys."""
     out = Rendered()
     winners: dict[str, Claim] = {}
-    for claim in sorted(claims):
-        reason = forbidden_reason(claim.dns_name, cluster_domain)
+    for claim in sorted(claims, key=_age):
+        reason = forbidden_reason(claim.dns_name, cluster_domain, frozenset({namespace}))
         if reason is not None:
             out.refused[claim.name] = (REASON_FORBIDDEN, f"DNS is not hijacked: {reason}")
             continue
-        holder = winners.get(claim.dns_name)
+        dns_name = normalize_dns_name(claim.dns_name)
+        holder = winners.get(dns_name)
         if holder is not None:
             out.refused[claim.name] = (
                 REASON_DUPLICATE,
-                f"{claim.dns_name} is already hijacked for the older "
+                f"{dns_name} is already hijacked for the older claim of "
                 f"ExternalService {holder.name!r}",
             )
             continue
-        winners[claim.dns_name] = claim
+        winners[dns_name] = claim
+    # Capacity goes to the oldest claims; the rules are then written sorted by name.
     total = len(HEADER)
-    for dns_name in sorted(winners):
-        claim = winners[dns_name]
+    for dns_name, claim in sorted(winners.items(), key=lambda item: _age(item[1])):
         rule = Rule(dns_name, target_name(claim.name, namespace, cluster_domain))
         if total + len(rule.line) > MAX_CONFIGMAP_BYTES:
             out.refused[claim.name] = (
@@ -124,6 +186,7 @@ def render(claims: list[Claim], namespace: str, cluster_domain: str) -> Rendered
         total += len(rule.line)
         out.rules.append(rule)
         out.granted[claim.name] = dns_name
+    out.rules.sort(key=lambda rule: rule.dns_name)
     out.data = shard(out.rules)
     validate(out.data, namespace, cluster_domain)
     return out
@@ -159,7 +222,7 @@ def validate(data: dict[str, str], namespace: str, cluster_domain: str) -> None:
             if not match:
                 raise InvalidSnippet(f"{key}:{number}: not a rewrite rule: {line!r}")
             source, target = match.groups()
-            if forbidden_reason(source, cluster_domain):
+            if forbidden_reason(source, cluster_domain, frozenset({namespace})):
                 raise InvalidSnippet(f"{key}:{number}: {source!r} must not be hijacked")
             if not target.endswith(suffix) or check_dns_name(target):
                 raise InvalidSnippet(f"{key}:{number}: {target!r} is not a gateway Service name")

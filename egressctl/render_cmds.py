@@ -18,7 +18,13 @@ import yaml
 from reconcile.hijack import next_hijack_state
 from reconcile.render import render
 from reconcile.settings import Settings, SettingsError
-from reconcile.spec import ExternalService, InvalidExternalService, parse_external_service
+from reconcile.spec import (
+    DEFAULT_CEILINGS,
+    Ceilings,
+    ExternalService,
+    InvalidExternalService,
+    parse_external_service,
+)
 from reconcile.yamlio import dump_all
 
 EXIT_OK = 0
@@ -59,7 +65,9 @@ def _documents(source: str) -> Iterator[tuple[int, Any]]:
             yield index, doc
 
 
-def parse_files(sources: list[str], err: TextIO) -> tuple[list[Parsed], bool]:
+def parse_files(
+    sources: list[str], err: TextIO, ceilings: Ceilings = DEFAULT_CEILINGS
+) -> tuple[list[Parsed], bool]:
     """Parse every document; report unreadable files on ``err``. Returns (parsed, all_readable)."""
     parsed: list[Parsed] = []
     readable = True
@@ -67,7 +75,9 @@ def parse_files(sources: list[str], err: TextIO) -> tuple[list[Parsed], bool]:
         try:
             for index, doc in _documents(source):
                 try:
-                    parsed.append(Parsed(source, index, parse_external_service(doc), None))
+                    parsed.append(
+                        Parsed(source, index, parse_external_service(doc, ceilings), None)
+                    )
                 except InvalidExternalService as exc:
                     parsed.append(Parsed(source, index, None, exc))
         except (OSError, yaml.YAMLError) as exc:
@@ -95,7 +105,7 @@ def cmd_render(args: argparse.Namespace) -> int:
     settings = _settings(sys.stderr)
     if settings is None:
         return EXIT_INVALID
-    parsed, ok = parse_files(args.files, sys.stderr)
+    parsed, ok = parse_files(args.files, sys.stderr, settings.ceilings)
     objects: list[dict[str, Any]] = []
     for item in parsed:
         if item.service is None:
@@ -110,7 +120,10 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    parsed, ok = parse_files(args.files, sys.stderr)
+    settings = _settings(sys.stderr)
+    if settings is None:
+        return EXIT_INVALID
+    parsed, ok = parse_files(args.files, sys.stderr, settings.ceilings)
     for item in parsed:
         if item.service is None:
             _report(item, sys.stderr)

@@ -12,6 +12,7 @@ sleep through it); a later notice or sweep then removes the gateway and releases
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dns.delivery import DnsDelivery, DnsReport, DnsVerdicts, claims_from_services
-from dns.render import Claim
+from dns.render import Claim, normalize_dns_name
 from dns.render import render as render_dns
 from reconcile import constants as c
 from reconcile.drift import FieldDiff, diff, with_applied_hash
-from reconcile.errors import PermanentError
+from reconcile.errors import PermanentError, ReconcileError
 from reconcile.hijack import HijackState, next_hijack_state
 from reconcile.kube import (
     BY_KIND,
@@ -40,6 +41,8 @@ from reconcile.settings import Settings
 from reconcile.spec import ExternalService, InvalidExternalService, parse_external_service
 
 Clock = Callable[[], dt.datetime]
+# Condition messages stay readable in `kubectl describe` (the API server's own limit is 32 KiB).
+MAX_MESSAGE = 1024
 
 
 def utcnow() -> dt.datetime:
@@ -143,6 +146,9 @@ class Observed:
     external_service: Obj | None
     children: dict[str, Obj] = field(default_factory=dict)
     foreign: dict[str, Obj] = field(default_factory=dict)
+    # Computed once per reconcile (or sweep), so the sweep's DNS prediction and the Service it
+    # then applies agree.
+    claimed_at: str = ""
 
 
 def _ours(obj: Obj, name: str) -> bool:
@@ -196,7 +202,7 @@ class Reconciler:
         if es_obj.get("metadata", {}).get("deletionTimestamp"):
             return self._finalize(name, es_obj, obs)
         try:
-            es = parse_external_service(es_obj)
+            es = parse_external_service(es_obj, self.settings.ceilings)
         except InvalidExternalService as exc:
             return self._invalid(name, es_obj, exc)
         if obs.foreign:
@@ -226,6 +232,33 @@ class Reconciler:
             ready_replicas,
         )
 
+    def _claimed_at(
+        self,
+        es: ExternalService,
+        obs: Observed,
+        previous: HijackState | None,
+        state: HijackState,
+    ) -> str:
+        """When this gateway's claim on its dnsName began: kept while the hijack state stays
+        ``true`` for the same name, new when it turns ``true`` or the name changes, none
+        otherwise. The oldest claim holds a contested name, so an old ExternalService that
+        edits its dnsName to a name another gateway serves cannot take it over."""
+        if state is not HijackState.TRUE:
+            return ""
+        if obs.claimed_at:
+            return obs.claimed_at
+        service = obs.children.get(SERVICE.kind) or {}
+        annotations = (service.get("metadata") or {}).get("annotations") or {}
+        kept = annotations.get(c.ANNOTATION_CLAIMED_AT, "")
+        same_name = normalize_dns_name(
+            annotations.get(c.ANNOTATION_DNS_NAME, "")
+        ) == normalize_dns_name(es.spec.dns_name)
+        if kept and same_name and previous is HijackState.TRUE:
+            obs.claimed_at = kept
+        else:
+            obs.claimed_at = self.clock().astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return obs.claimed_at
+
     def _converge(
         self, es: ExternalService, es_obj: Obj, obs: Observed, dns_verdicts: DnsVerdicts | None
     ) -> Result:
@@ -240,7 +273,8 @@ class Reconciler:
             )
         live_service = obs.children.get(SERVICE.kind)
         previous, state, ready_replicas = self._hijack_state(es, obs)
-        desired = [with_applied_hash(obj) for obj in render(es, self.settings, state)]
+        claimed_at = self._claimed_at(es, obs, previous, state)
+        desired = [with_applied_hash(obj) for obj in render(es, self.settings, state, claimed_at)]
         applied_service = live_service
         for obj in desired:
             kind = obj["kind"]
@@ -248,7 +282,11 @@ class Reconciler:
             fields = diff(obj, live)
             if not fields:
                 continue
-            result = self.kube.apply(obj)
+            try:
+                result = self.kube.apply(obj)
+            except PermanentError as exc:
+                self._refused_status(es_obj, kind, exc)
+                raise
             if kind == SERVICE.kind:
                 applied_service = result
             changes.append(
@@ -445,6 +483,31 @@ class Reconciler:
             status["clusterIP"] = cluster_ip
         return status
 
+    def _refused_status(self, es_obj: Obj, kind: str, exc: PermanentError) -> None:
+        """The API server refused one of the gateway's objects for good (admission, quota,
+        validation): say so on the ExternalService, so that ``kubectl get`` tells the truth.
+        Whatever already runs is left as it is."""
+        reason = {403: "Forbidden", 409: "Conflict", 422: "Invalid"}.get(exc.status or 0, "Error")
+        message = f"the API server refused the gateway's {kind}: {exc}"[:MAX_MESSAGE]
+        status = {
+            **(es_obj.get("status") or {}),
+            "observedGeneration": _generation(es_obj),
+            "conditions": self._conditions(
+                es_obj,
+                [
+                    ("Valid", "True", "Valid", "spec is valid"),
+                    ("Ready", "False", f"{kind}{reason}", message),
+                    *[
+                        (cd["type"], cd["status"], cd["reason"], cd["message"])
+                        for cd in (es_obj.get("status") or {}).get("conditions") or []
+                        if cd.get("type") == "DnsHijacked"
+                    ],
+                ],
+            ),
+        }
+        with contextlib.suppress(ReconcileError):  # the refusal is what the caller reports
+            self._write_status(es_obj, status)
+
     def _conflict_status(self, es_obj: Obj, message: str) -> Obj:
         return {
             **(es_obj.get("status") or {}),
@@ -498,8 +561,15 @@ class Reconciler:
                     report.results.append(future.result())
                 except Exception as exc:
                     report.errors.append({"name": name, "error": str(exc)})
+        gone: dict[str, bool] = {}
         for item in orphans:
-            report.pruned.append(self._delete_child(item["kind"], item))
+            # Listed without an ExternalService: perhaps only created after our LIST of them.
+            # Prune only when its ExternalService is known to be gone.
+            gateway = item["metadata"]["labels"][c.LABEL_GATEWAY]
+            if gateway not in gone:
+                gone[gateway] = self.kube.get(EXTERNAL_SERVICE, gateway) is None
+            if gone[gateway]:
+                report.pruned.append(self._delete_child(item["kind"], item))
         if self.dns is not None:
             report.dns = self.dns.sync(self.kube)
             if verdicts is not None and verdicts.corefile_added:
@@ -533,15 +603,17 @@ class Reconciler:
             if es_obj is None or es_obj["metadata"].get("deletionTimestamp"):
                 continue
             try:
-                es = parse_external_service(es_obj)
+                es = parse_external_service(es_obj, self.settings.ceilings)
             except InvalidExternalService:
                 # Left untouched: its live Service keeps whatever claim it had.
                 service = obs.children.get(SERVICE.kind)
                 claims.extend(claims_from_services([service] if service else []))
                 continue
-            _, state, _ = self._hijack_state(es, obs)
+            previous, state, _ = self._hijack_state(es, obs)
             if state is HijackState.TRUE:
-                claims.append(Claim(es.creation_timestamp, name, es.spec.dns_name))
+                claims.append(
+                    Claim(self._claimed_at(es, obs, previous, state), name, es.spec.dns_name)
+                )
         rendered = render_dns(claims, self.settings.gateway_namespace, self.settings.cluster_domain)
         problem = added = ""
         if self.dns is not None and (rendered.rules or self.settings.manage_coredns_import):

@@ -173,10 +173,14 @@ def horizontal_pod_autoscaler(es: ExternalService, settings: Settings) -> Obj:
     return obj
 
 
-def service(es: ExternalService, settings: Settings, hijack_state: HijackState) -> Obj:
+def service(
+    es: ExternalService, settings: Settings, hijack_state: HijackState, claimed_at: str = ""
+) -> Obj:
+    """The gateway's ClusterIP Service; it also carries the hijack state and, while the hijack
+    state is ``true``, when this gateway's claim on its dnsName began (see dns.render.Claim)."""
     meta = _metadata(es, settings, {c.LABEL_HIJACK_DNS: hijack_state.value})
-    if es.creation_timestamp:
-        meta["annotations"][c.ANNOTATION_CLAIMED_AT] = es.creation_timestamp
+    if claimed_at:
+        meta["annotations"][c.ANNOTATION_CLAIMED_AT] = claimed_at
     if settings.service_topology_mode:
         meta["annotations"][c.ANNOTATION_TOPOLOGY_MODE] = es.spec.service_topology_mode or "Auto"
     obj = _head(SERVICE, meta)
@@ -229,12 +233,14 @@ def pod_disruption_budget(es: ExternalService, settings: Settings) -> Obj:
     return obj
 
 
-def render(es: ExternalService, settings: Settings, hijack_state: HijackState) -> list[Obj]:
+def render(
+    es: ExternalService, settings: Settings, hijack_state: HijackState, claimed_at: str = ""
+) -> list[Obj]:
     """Every object gateway ``es`` needs, in apply order."""
     objects = [
         configmap(es, settings),
         network_policy(es, settings),
-        service(es, settings, hijack_state),
+        service(es, settings, hijack_state, claimed_at),
         deployment(es, settings),
         horizontal_pod_autoscaler(es, settings),
     ]

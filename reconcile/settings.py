@@ -3,6 +3,10 @@
 Variable names and meanings follow the original operator so that its Deployment's environment
 carries over unchanged; the variables it did not have are this product's own additions. A bad
 value stops start-up with a message naming the variable, never a half-configured process.
+
+The GATEWAY_MAX_* ceilings bound what one ExternalService may ask for, because whoever may
+create ExternalServices could otherwise claim a cluster's capacity; they default to generous
+values a platform team raises here, never below the defaults every ExternalService gets.
 """
 
 from __future__ import annotations
@@ -13,6 +17,22 @@ from dataclasses import dataclass
 
 from reconcile.envreader import EnvReader
 from reconcile.names import DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_VALUE, is_label_key
+from reconcile.spec import (
+    CPU,
+    DEFAULT_CEILING_CPU,
+    DEFAULT_CEILING_MEMORY,
+    DEFAULT_CEILING_REPLICAS,
+    DEFAULT_CEILINGS,
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_REPLICAS,
+    ENV_MAX_CPU,
+    ENV_MAX_MEMORY,
+    ENV_MAX_REPLICAS,
+    MAX_INT32,
+    MEMORY,
+    Ceilings,
+    quantity_value,
+)
 
 DEFAULT_ENVOY_IMAGE = "envoyproxy/envoy:v1.39.6"
 DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
@@ -67,6 +87,7 @@ class Settings:
     nudge_coredns_pods: bool = True
     coredns_service_name: str = DEFAULT_COREDNS_SERVICE
     sweep_concurrency: int = DEFAULT_SWEEP_CONCURRENCY
+    ceilings: Ceilings = DEFAULT_CEILINGS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -147,6 +168,39 @@ class Settings:
                     "POD_TOPOLOGY_ZONE_MAX_SKEW nor POD_TOPOLOGY_HOSTNAME_MAX_SKEW is set"
                 )
 
+        def replicas_ceiling() -> int:
+            value = whole_number(ENV_MAX_REPLICAS, DEFAULT_CEILING_REPLICAS, 1, MAX_INT32)
+            if value < DEFAULT_MAX_REPLICAS:
+                env_.error(
+                    ENV_MAX_REPLICAS,
+                    f"must be at least {DEFAULT_MAX_REPLICAS}, the default maxReplicas, or every "
+                    f"ExternalService without maxReplicas would be refused (got {value})",
+                )
+                return DEFAULT_CEILING_REPLICAS
+            return value
+
+        def quantity_ceiling(name: str, resource: str, default: str) -> str:
+            value = get(name, default)
+            floor = dict(DEFAULT_LIMITS)[resource]
+            try:
+                amount = quantity_value(value)
+            except ValueError as exc:
+                env_.error(name, f"{value!r} {exc}: use a quantity such as {default}")
+                return default
+            if amount < quantity_value(floor):
+                env_.error(
+                    name,
+                    f"must be at least {floor}, the default {resource} limit, or every "
+                    f"ExternalService without resources would be refused (got {value!r})",
+                )
+                return default
+            return value
+
+        ceilings = Ceilings(
+            max_replicas=replicas_ceiling(),
+            cpu=quantity_ceiling(ENV_MAX_CPU, CPU, DEFAULT_CEILING_CPU),
+            memory=quantity_ceiling(ENV_MAX_MEMORY, MEMORY, DEFAULT_CEILING_MEMORY),
+        )
         nudge = flag("NUDGE_COREDNS_PODS", True)
         settings = cls(
             envoy_image=image,
@@ -173,6 +227,7 @@ class Settings:
             coredns_import_path=import_path,
             nudge_coredns_pods=nudge,
             coredns_service_name=object_name("COREDNS_SERVICE_NAME", DEFAULT_COREDNS_SERVICE),
+            ceilings=ceilings,
         )
         env_.raise_if_errors(SettingsError)
         return settings

@@ -157,9 +157,17 @@ cmd_up() {
     --patch-file "$REPO/infra/coredns/deployment-patch.yaml"
   kctl -n kube-system rollout status deployment/coredns --timeout=120s
   say "CoreDNS: reload every 2 s instead of kind's default 30 s (README, How fast DNS changes)"
-  kctl -n kube-system get configmap coredns -o yaml \
-    | sed -E 's/^([[:space:]]+)reload[[:space:]]*$/\1reload 2s/' \
-    | kctl apply --server-side --force-conflicts --field-manager=egress-kind -f -
+  local corefile
+  corefile=$(capture "<kind's coredns ConfigMap>" \
+    kubectl --kubeconfig "$STATE/kubeconfig" -n kube-system get configmap coredns -o yaml)
+  if [ "$DRY_RUN" = 1 ]; then
+    run kubectl --kubeconfig "$STATE/kubeconfig" apply --server-side --force-conflicts \
+      --field-manager=egress-kind -f "<that ConfigMap with 'reload' -> 'reload 2s'>"
+  else
+    printf '%s\n' "$corefile" \
+      | sed -E 's/^([[:space:]]+)reload[[:space:]]*$/\1reload 2s/' \
+      | kctl apply --server-side --force-conflicts --field-manager=egress-kind -f -
+  fi
 
   cmd_tokens
 

@@ -182,6 +182,37 @@ def test_cluster_internal_name_is_refused_with_a_condition(
     assert [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A] == [kubernetes_ip]
 
 
+def test_an_older_object_editing_its_name_cannot_steal_a_served_name(
+    admin: Kube, reconciler: Reconciler, dev_stack: DevStack, names: list[str], unique: str
+) -> None:
+    """The oldest *claim* holds a name, not the oldest object: a hostile tenant's old
+    ExternalService that switches its dnsName to a name another gateway serves is refused, and
+    the victim keeps answering."""
+    from tests.integration.helpers import update_spec
+
+    victim_name = f"victim-{unique}.example.com"
+    hijacked_gateway(admin, reconciler, names, f"old-{unique}", f"old-{unique}.example.com")
+    victim_ip = hijacked_gateway(admin, reconciler, names, f"victim-{unique}", victim_name)
+    eventually(
+        lambda: a_records(dev_stack, victim_name) == [(victim_name, victim_ip)],
+        DNS_DEADLINE_S,
+        "the victim's rule",
+    )
+    update_spec(admin, f"old-{unique}", {"dnsName": victim_name})
+    reconciler.reconcile(f"old-{unique}")
+    es = admin.get(EXTERNAL_SERVICE, f"old-{unique}")
+    assert es is not None
+    cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
+    assert (cond["status"], cond["reason"]) == ("False", "DuplicateDnsName"), cond
+    assert f"victim-{unique}" in cond["message"]
+    cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert f"{victim_name} victim-{unique}." in str((cm or {}).get("data"))
+    assert f"old-{unique}.example.com" not in str((cm or {}).get("data"))
+    # A sweep agrees, and the victim still answers.
+    reconciler.sweep()
+    assert a_records(dev_stack, victim_name) == [(victim_name, victim_ip)]
+
+
 def test_duplicate_claim_goes_to_the_older_and_the_newer_is_told_why(
     admin: Kube, reconciler: Reconciler, dev_stack: DevStack, names: list[str], unique: str
 ) -> None:

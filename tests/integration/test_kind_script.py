@@ -16,6 +16,7 @@ import pytest
 
 from egressctl.kind_pipeline import config_from, parse_args
 from reconcile.kube import Kube, Resource, api_client_from_kubeconfig
+from reconcile.settings import Settings
 from tests.conftest import DevStack
 from tests.integration.helpers import GATEWAY_NS
 
@@ -97,7 +98,8 @@ def test_the_pipeline_arguments_parse_into_the_identities_kubeconfigs(tmp_path: 
     assert config.dev_env["KUBECONFIG_EXPORTER"] == str(state / "kubeconfig-egress-exporter")
     assert config.dev_env["PUBSUB_EMULATOR_HOST"] == "127.0.0.1:8685"
     assert config.extra_env["MANAGE_COREDNS_IMPORT"] == "true"
-    assert int(config.extra_env["DELETE_GRACE_SECONDS"]) >= 120
+    # The product's default: kind.sh sets `reload 2s` and the reconciler nudges CoreDNS.
+    assert int(config.extra_env["DELETE_GRACE_SECONDS"]) == Settings().delete_grace_s
 
 
 def test_dry_run_down_and_usage(tmp_path: Path) -> None:

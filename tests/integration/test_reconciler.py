@@ -299,6 +299,127 @@ def test_sweep_prunes_orphans_and_switched_off_kinds_but_never_foreign_objects(
         admin.delete(CONFIGMAP, orphan, GATEWAY_NS)
 
 
+class ListThenCreate(Kube):
+    """The reconciler's own client; right after the sweep's LIST of ExternalServices returns,
+    another process creates a gateway (a real ExternalService, reconciled for real)."""
+
+    def __init__(self, base: Kube, meanwhile: Callable[[], None]) -> None:
+        super().__init__(base.api, retry=base.retry)
+        self.meanwhile: Callable[[], None] | None = meanwhile
+
+    def list_all(
+        self, resource: Resource, namespace: str | None = None, label_selector: str | None = None
+    ) -> tuple[list[dict[str, Any]], str]:
+        out = super().list_all(resource, namespace, label_selector)
+        if resource is EXTERNAL_SERVICE and self.meanwhile is not None:
+            meanwhile, self.meanwhile = self.meanwhile, None
+            meanwhile()
+        return out
+
+
+def test_sweep_never_prunes_a_gateway_created_after_it_listed(
+    admin: Kube, as_reconciler: Kube, clock: Clock, es_name: str
+) -> None:
+    """A gateway whose ExternalService appeared between the sweep's LISTs looks like an orphan;
+    it must survive (pruning it would give it a new ClusterIP)."""
+    other = Reconciler(as_reconciler, dev_settings(), clock=clock)
+
+    def create_meanwhile() -> None:
+        create_es(admin, external_service(es_name))
+        other.reconcile(es_name)
+
+    sweeper = Reconciler(
+        ListThenCreate(as_reconciler, create_meanwhile), dev_settings(), clock=clock
+    )
+    report = sweeper.sweep()
+    assert not [ch for ch in report.pruned if ch.name == es_name], report.to_dict()
+    live = children(admin, es_name)
+    assert set(live) == KINDS, sorted(live)
+    service_uid = live["Service"]["metadata"]["uid"]
+    # The next sweep sees the ExternalService and leaves the same Service in place.
+    Reconciler(as_reconciler, dev_settings(), clock=clock).sweep()
+    again = admin.get(SERVICE, es_name, GATEWAY_NS)
+    assert again is not None and again["metadata"]["uid"] == service_uid
+
+
+def test_a_refused_object_shows_on_the_external_service(
+    admin: Kube, reconciler: Reconciler, es_name: str
+) -> None:
+    """An admission policy refuses the gateway's NetworkPolicy: the reconcile fails for good,
+    and the ExternalService's Ready condition names the kind and the refusal."""
+    policy = f"deny-{es_name}"
+    vap: dict[str, Any] = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": policy},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    {
+                        "apiGroups": ["networking.k8s.io"],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE"],
+                        "resources": ["networkpolicies"],
+                    }
+                ]
+            },
+            "validations": [
+                {
+                    "expression": f"object.metadata.name != '{es_name}'",
+                    "message": "network policies of this gateway are not allowed here",
+                }
+            ],
+        },
+    }
+    binding = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": policy},
+        "spec": {"policyName": policy, "validationActions": ["Deny"]},
+    }
+    vaps = Resource("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicy",
+                    "validatingadmissionpolicies", namespaced=False)  # fmt: skip
+    bindings = Resource("admissionregistration.k8s.io/v1", "ValidatingAdmissionPolicyBinding",
+                        "validatingadmissionpolicybindings", namespaced=False)  # fmt: skip
+    admin.request("POST", vaps.path(), body=vap)
+    admin.request("POST", bindings.path(), body=binding)
+    probe = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": es_name, "namespace": GATEWAY_NS},
+        "spec": {"podSelector": {}},
+    }
+
+    def active() -> bool:
+        try:
+            admin.request(
+                "POST",
+                NETWORK_POLICY.path(GATEWAY_NS),
+                query=[("dryRun", "All")],
+                body=probe,
+                final_statuses=frozenset({422}),
+            )
+        except PermanentError:
+            return True
+        return False
+
+    try:
+        eventually(active, 30, "the admission policy to be in force")
+        create_es(admin, external_service(es_name))
+        with pytest.raises(PermanentError):
+            reconciler.reconcile(es_name)
+        es = admin.get(EXTERNAL_SERVICE, es_name)
+        assert es is not None
+        ready = next(cd for cd in es["status"]["conditions"] if cd["type"] == "Ready")
+        assert ready["status"] == "False"
+        assert ready["reason"] == "NetworkPolicyInvalid", ready
+        assert "not allowed here" in ready["message"]
+    finally:
+        admin.delete(bindings, policy)
+        admin.delete(vaps, policy)
+
+
 def test_foreign_object_with_a_gateway_name_is_not_taken_over(
     admin: Kube, reconciler: Reconciler, es_name: str
 ) -> None:
@@ -414,6 +535,11 @@ def test_concurrent_reconciles_of_one_object_both_succeed(
     admin: Kube, dev_stack: DevStack, es_name: str
 ) -> None:
     """Four separate processes (as four function instances would be) reconcile one object at once."""
+    with no_room_for_new_pods():  # no pod turns ready (a real change) before the final check
+        _concurrent_reconciles(admin, dev_stack, es_name)
+
+
+def _concurrent_reconciles(admin: Kube, dev_stack: DevStack, es_name: str) -> None:
     import subprocess
     import sys
 

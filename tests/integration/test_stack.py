@@ -169,6 +169,18 @@ def _configmap_data(core: Any, name: str) -> dict[str, str] | None:
         raise
 
 
+def _nudge_coredns(k8s: Any) -> None:
+    """What the reconciler does after its DNS writes (README, "How fast DNS changes"): touch
+    the CoreDNS pods so their kubelet refreshes the mounted ConfigMaps now, not within its
+    60 s sync."""
+    from dns.delivery import DnsDelivery
+    from reconcile.kube import Kube
+    from reconcile.settings import Settings
+
+    nudged, problem = DnsDelivery(Settings()).nudge(Kube(k8s), f"test-{time.monotonic_ns()}")
+    assert nudged and not problem, problem
+
+
 def test_corefile_configmap_change_reaches_coredns(
     k8s: Any, dev_stack: Any, unique: str, cleanup: Callable[[Callable[[], object]], None]
 ) -> None:
@@ -190,11 +202,13 @@ def test_corefile_configmap_change_reaches_coredns(
 
     def restore() -> None:
         core.patch_namespaced_config_map("coredns", "kube-system", {"data": {"Corefile": corefile}})
+        _nudge_coredns(k8s)
         _eventually(
             "CoreDNS to drop the probe again", lambda: not _resolve(dev_stack.coredns_addr, probe)
         )
 
     core.patch_namespaced_config_map("coredns", "kube-system", {"data": {"Corefile": changed}})
+    _nudge_coredns(k8s)
     cleanup(restore)
     t0 = time.monotonic()
     _eventually(
@@ -230,9 +244,11 @@ def test_imported_configmap_rewrite_reaches_coredns(
             if exc.status != 409:
                 raise
     core.patch_namespaced_config_map("egress-gateway-dns", "kube-system", {"data": {key: rule}})
+    _nudge_coredns(k8s)
 
     def remove_key() -> None:
         core.patch_namespaced_config_map("egress-gateway-dns", "kube-system", {"data": {key: None}})
+        _nudge_coredns(k8s)
 
     cleanup(remove_key)
     _eventually(

@@ -3,7 +3,10 @@
 The schema is checked offline with JSON Schema (Draft 7) after translating the Kubernetes
 extensions away; the CEL rules (``x-kubernetes-validations``) are only checked for
 presence here, and against a real API server by the cluster tests, which use the
-``cel-*.yaml`` files of ``examples/invalid/`` (CEL-only failures: see the README there).
+``cel-*.yaml`` files of ``examples/invalid/`` (CEL-only failures: see the README there) and
+the hostile-tenant table of ``hostile.py`` (``tests/integration/test_hostile_crd.py``). The
+lists the CRD and the reconciler must share (metadata names and addresses, bounds) are
+compared here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from reconcile import spec as parser
+from tests.unit.hostile import HOSTILE, Hostile
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_PATH = REPO / "infra" / "crd" / "externalservices.yaml"
@@ -121,6 +127,10 @@ def to_jsonschema(node: dict[str, Any]) -> dict[str, Any]:
             out[key] = to_jsonschema(value)
         elif key in ("anyOf", "allOf", "oneOf"):
             out[key] = [to_jsonschema(sub) for sub in value]
+        elif key == "pattern":
+            # RE2 (the API server's) `$` is the end of the text; Python's also matches before
+            # a final newline.
+            out[key] = re.sub(r"\$$", r"\\Z", value)
         else:
             out[key] = value
     if node.get("x-kubernetes-int-or-string") and "anyOf" not in out:
@@ -294,8 +304,8 @@ SPEC_FIELDS: dict[str, dict[str, Any]] = {
     "dnsName": {"type": "string", "maxLength": 253},
     "ports": {"type": "array", "minItems": 1},
     "hijackDns": {"type": "boolean", "default": False},
-    "minReplicas": {"type": "integer", "minimum": 1, "default": 3},
-    "maxReplicas": {"type": "integer", "minimum": 1, "default": 12},
+    "minReplicas": {"type": "integer", "minimum": 1, "maximum": 2147483647, "default": 3},
+    "maxReplicas": {"type": "integer", "minimum": 1, "maximum": 2147483647, "default": 12},
     "targetCPUUtilizationPercentage": {
         "type": "integer",
         "minimum": 1,
@@ -396,7 +406,7 @@ def squash(text: str) -> str:
 def rules_at(root: dict[str, Any], where: str) -> list[dict[str, Any]]:
     node = root
     for part in filter(None, where.split(".")):
-        node = node["properties"][part]
+        node = node["items"] if part == "items" else node["properties"][part]
     return list(node.get("x-kubernetes-validations", []))
 
 
@@ -412,6 +422,17 @@ CEL_RULES = [
     ),
     ("spec.dnsName", "!self.matches('[.][0-9]+$')", "not an IP address"),
     ("spec.ipOverride", "self.all(a, self.exists_one(b, b == a))", "address twice"),
+    ("spec.dnsName", "!self.endsWith('.localhost')", "localhost name"),
+    ("spec.dnsName", "'metadata.google.internal'", "cloud metadata server"),
+    ("spec.ipOverride.items", "isIP(self)", "plain IP addresses"),
+    ("spec.ipOverride.items", "ip(self).isGlobalUnicast()", "loopback, link-local"),
+    ("spec.ipOverride.items", "'fd00:ec2::254'", "cloud metadata server address"),
+    ("spec.resources", "== 0", "never overcommits them"),
+    ("spec.resources", "'cpu' in self.requests", "hugepages must also"),
+    ("spec.resources.limits", "k.startsWith('hugepages-')", "resource names must be"),
+    ("spec.resources.requests", "k.startsWith('hugepages-')", "resource names must be"),
+    ("spec.resources.limits", ".isInteger()", "whole numbers"),
+    ("spec.resources.requests", ".isInteger()", "whole numbers"),
 ]
 
 
@@ -426,6 +447,17 @@ CEL_RULES = [
         "unique-ports",
         "dnsname-not-ip",
         "unique-ips",
+        "dnsname-not-localhost",
+        "dnsname-not-metadata",
+        "ip-plain",
+        "ip-global-unicast",
+        "ip-not-metadata",
+        "no-overcommit",
+        "hugepages-need-cpu-or-memory",
+        "limit-names",
+        "request-names",
+        "limit-extended-whole",
+        "request-extended-whole",
     ],
 )
 def test_cel_rule(root_schema: dict[str, Any], where: str, rule: str, message: str) -> None:
@@ -551,7 +583,18 @@ QUANTITIES = [
     ("2k", True),
     ("1e3", True),
     ("+1", True),
+    ("5.", True),
+    ("1e-3", True),
+    ("1E+99", True),
+    ("1e100", False),
+    ("1e999999999", False),
     ("lots", False),
+    ("NaN", False),
+    ("Infinity", False),
+    ("1e1.5", False),
+    ("1e1234567890", False),
+    ("1 ", False),
+    ("1_000", False),
     ("1GB", False),
     ("-1", False),
     ("-100m", False),
@@ -731,6 +774,7 @@ def test_cel_only_example_passes_the_schema(
 
 def test_every_cel_rule_has_a_cel_example(root_schema: dict[str, Any]) -> None:
     expected = {header(p, "expect-message") for p in CEL_ONLY_FILES}
+    expected |= {h.crd_message for h in HOSTILE if h.cel}
     for message in all_cel_messages(root_schema):
         assert any(e and e in message for e in expected), f"no cel-*.yaml for: {message}"
 
@@ -788,3 +832,82 @@ def test_reconciler_agrees_with_the_crd(path: Path) -> None:
             parse_external_service(obj)
     else:
         parse_external_service(obj)
+
+
+# --- hostile tenants: the same table as the reconciler's tests and the API server's -------
+
+
+@pytest.mark.parametrize("case", [h for h in HOSTILE if not h.cel], ids=lambda h: h.id)
+def test_hostile_object_is_refused_by_the_schema(
+    validator: jsonschema.Draft7Validator, case: Hostile
+) -> None:
+    errors = list(validator.iter_errors(case.manifest()))
+    reported = set().union(*(error_fields(e) for e in errors)) if errors else set()
+    assert case.crd_field in reported, f"{case.id}: errors on {sorted(reported)}"
+
+
+@pytest.mark.parametrize("case", [h for h in HOSTILE if h.cel], ids=lambda h: h.id)
+def test_hostile_cel_case_passes_the_schema_and_names_a_rule(
+    validator: jsonschema.Draft7Validator, root_schema: dict[str, Any], case: Hostile
+) -> None:
+    errors = [e.message for e in validator.iter_errors(case.manifest())]
+    assert errors == [], f"{case.id} is marked cel but the schema already refuses it"
+    assert any(case.crd_message in m for m in all_cel_messages(root_schema)), case.crd_message
+
+
+def _cel_strings(rules: list[dict[str, Any]], needle: str) -> set[str]:
+    """The quoted strings of the rule that contains ``needle``."""
+    (rule,) = [r["rule"] for r in rules if needle in r["rule"]]
+    return set(re.findall(r"'([^']*)'", rule))
+
+
+def test_crd_refuses_the_reconcilers_metadata_names(root_schema: dict[str, Any]) -> None:
+    names = _cel_strings(rules_at(root_schema, "spec.dnsName"), "metadata.google.internal")
+    regional = {n for n in names if n.startswith("^")}
+    multi_label = {n for n in parser.METADATA_DNS_NAMES if "." in n}
+    assert names - regional == multi_label
+    # Single labels never pass the dnsName pattern.
+    pattern = pattern_of(root_schema["properties"]["spec"], "dnsName")
+    assert not any(pattern.search(n) for n in parser.METADATA_DNS_NAMES - multi_label)
+    (regex,) = regional
+    assert re.fullmatch(regex.strip("^$"), "instance-data.eu-west-1.compute.internal")
+    assert parser.is_metadata_name("instance-data.eu-west-1.compute.internal")
+
+
+def test_crd_refuses_the_reconcilers_metadata_addresses(root_schema: dict[str, Any]) -> None:
+    addresses = _cel_strings(rules_at(root_schema, "spec.ipOverride.items"), "fd00:ec2::254")
+    assert {ipaddress.ip_address(a) for a in addresses} == parser.METADATA_ADDRESSES
+    # CEL compares ip(self) as text: the list must be in canonical form.
+    assert all(str(ipaddress.ip_address(a)) == a for a in addresses)
+
+
+def test_crd_bounds_match_the_reconcilers(spec_schema: dict[str, Any]) -> None:
+    resources = spec_schema["properties"]["resources"]["properties"]
+    for key in ("requests", "limits"):
+        assert resources[key]["maxProperties"] == parser.MAX_RESOURCE_NAMES
+        assert resources[key]["additionalProperties"]["maxLength"] == parser.MAX_QUANTITY_LENGTH
+    for key in ("minReplicas", "maxReplicas"):
+        assert spec_schema["properties"][key]["maximum"] == parser.MAX_INT32
+
+
+@functools.cache
+def quantity_pattern() -> re.Pattern[str]:
+    schema = load_yaml(CRD_PATH)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    limits = schema["properties"]["spec"]["properties"]["resources"]["properties"]["limits"]
+    return re.compile(limits["additionalProperties"]["pattern"])
+
+
+def _parser_accepts(text: str) -> bool:
+    try:
+        parser.quantity_value(text)
+    except ValueError:
+        return False
+    return True
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=st.text(alphabet="0123456789.+-eEKMGTPinumk \n", max_size=14))
+def test_quantity_pattern_agrees_with_the_reconciler(text: str) -> None:
+    """Same grammar in both places; the CRD also refuses a sign of '-' outright."""
+    crd = bool(quantity_pattern().fullmatch(text)) and len(text) <= parser.MAX_QUANTITY_LENGTH
+    assert crd is (_parser_accepts(text) and not text.startswith("-")), repr(text)

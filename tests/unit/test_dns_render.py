@@ -63,6 +63,28 @@ def test_no_claims_no_keys() -> None:
         "Bad_Name.com",
         "kubernetes.default.svc",
         "metadata.google.internal",
+        # partial cluster names the search path completes
+        "kubernetes.default",
+        "api.kube-system",
+        f"gw.{NS}",
+        "10-0-0-1.default.pod",
+        # reverse-zone apexes
+        "in-addr.arpa",
+        "ip6.arpa",
+        # every cloud metadata name and alias
+        "metadata.goog",
+        "instance-data.ec2.internal",
+        # cloud node names and private zones
+        "instance-1.us-central1-a.c.my-project.internal",
+        "ip-10-0-0-1.ec2.internal",
+        "ip-10-0-0-1.eu-west-1.compute.internal",
+        "vm1.internal.cloudapp.net",
+        "vm1.reddog.microsoft.com",
+        "printer.local",
+        "router.home.arpa",
+        # what the product itself needs
+        "pubsub.googleapis.com",
+        "oauth2.googleapis.com",
     ],
 )
 def test_forbidden_names_are_never_hijacked(dns_name: str) -> None:
@@ -72,11 +94,17 @@ def test_forbidden_names_are_never_hijacked(dns_name: str) -> None:
 
 
 def test_custom_cluster_domain_is_protected() -> None:
-    out = render([claim("a", "api.corp.internal")], NS, "corp.internal")
+    out = render([claim("a", "api.k8s.example")], NS, "k8s.example")
     assert out.refused["a"][0] == REASON_FORBIDDEN
-    assert render([claim("a", "api.corp.internal")], NS, DOMAIN).granted == {
-        "a": "api.corp.internal"
-    }
+    assert render([claim("a", "api.k8s.example")], NS, DOMAIN).granted == {"a": "api.k8s.example"}
+
+
+@pytest.mark.parametrize(
+    "dns_name",
+    ["google.com", "storage.googleapis.com", "api.default-service.com", "podcast.example.net"],
+)
+def test_ordinary_names_still_may_be_hijacked(dns_name: str) -> None:
+    assert render([claim("a", dns_name)], NS, DOMAIN).granted == {"a": dns_name}
 
 
 def test_duplicate_claim_goes_to_the_older_external_service() -> None:
@@ -111,6 +139,33 @@ def test_capacity_is_enforced_with_a_reason() -> None:
     out = render(claims, NS, DOMAIN)
     assert sum(len(v.encode()) for v in out.data.values()) < 1024 * 1024
     assert out.refused and {r for r, _ in out.refused.values()} == {"DnsCapacityExceeded"}
+
+
+def test_capacity_goes_to_the_oldest_claims_not_to_the_first_names() -> None:
+    """Names late in the alphabet but early in time keep their rules when the ConfigMap fills."""
+    claims = [
+        claim(
+            f"gw{i:05d}",
+            f"{'z' if i % 2 else 'a'}-long-hostname-number-{i:05d}.example.com",
+            f"2026-01-01T{i // 3600:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z",
+        )
+        for i in range(12000)
+    ]
+    out = render(claims, NS, DOMAIN)
+    kept = {int(name[2:]) for name in out.granted}
+    refused = {int(name[2:]) for name in out.refused}
+    assert kept and refused and max(kept) < min(refused)
+    lines = [line for v in out.data.values() for line in v.splitlines() if not line.startswith("#")]
+    assert lines == sorted(lines)
+
+
+def test_names_compare_without_case_or_the_root_dot() -> None:
+    older = claim("first", "Google.COM.", "2026-01-01T00:00:00Z")
+    newer = claim("second", "google.com", "2026-02-01T00:00:00Z")
+    out = render([newer, older], NS, DOMAIN)
+    assert out.granted == {"first": "google.com"}
+    assert out.refused["second"][0] == REASON_DUPLICATE
+    assert [r.dns_name for r in out.rules] == ["google.com"]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from reconcile.envoy import bootstrap
 from reconcile.hijack import HijackState
 from reconcile.render import render
 from reconcile.settings import Settings
-from reconcile.spec import parse_external_service
+from reconcile.spec import parse_external_service, upstream_address_reason
 from reconcile.yamlio import dump_all
 from tests.unit.envoy_proto import parse_bootstrap
 from tests.unit.envoy_validate import envoy_validate
@@ -28,7 +28,8 @@ ports = st.lists(
     max_size=6,
     unique=True,
 ).map(lambda items: [{"port": p, "protocol": proto} for p, proto in items])
-ipv4 = st.ip_addresses(v=4).filter(lambda a: not (a.is_unspecified or a.is_multicast)).map(str)
+# Addresses a gateway may reach (no loopback, link-local, metadata, multicast...).
+ipv4 = st.ip_addresses(v=4).filter(lambda a: upstream_address_reason(a) is None).map(str)
 
 
 @st.composite

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from reconcile.settings import DEFAULT_ENVOY_IMAGE, Settings, SettingsError, TopologySpread
+import pytest
+import yaml
+
+from reconcile.settings import (
+    DEFAULT_ENVOY_IMAGE,
+    DEFAULT_GATEWAY_NAMESPACE,
+    Settings,
+    SettingsError,
+    TopologySpread,
+)
+from reconcile.spec import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_REPLICAS,
+    DEFAULT_REQUESTS,
+    Ceilings,
+    quantity_value,
+)
 
 
 def test_defaults() -> None:
@@ -61,6 +77,17 @@ def test_the_delete_grace_covers_dns_with_and_without_the_nudge() -> None:
     assert Settings.from_env(explicit).delete_grace_s == 30
 
 
+def test_gateway_ceilings_default_to_generous_values_a_platform_team_raises() -> None:
+    assert Settings.from_env({}).ceilings == Ceilings(max_replicas=100, cpu="8", memory="16Gi")
+    raised = Settings.from_env(
+        {"GATEWAY_MAX_REPLICAS": "500", "GATEWAY_MAX_CPU": "32", "GATEWAY_MAX_MEMORY": "128Gi"}
+    )
+    assert raised.ceilings == Ceilings(max_replicas=500, cpu="32", memory="128Gi")
+    # Never below what an ExternalService gets by default (maxReplicas 12, limits 2 and 1Gi).
+    lowest = {"GATEWAY_MAX_REPLICAS": "12", "GATEWAY_MAX_CPU": "2000m", "GATEWAY_MAX_MEMORY": "1Gi"}
+    assert Settings.from_env(lowest).ceilings == Ceilings(12, "2000m", "1Gi")
+
+
 def test_skews_without_the_switch_add_no_constraint() -> None:
     assert Settings.from_env({"POD_TOPOLOGY_ZONE_MAX_SKEW": "1"}).topology_spread == ()
 
@@ -84,6 +111,15 @@ BAD = [
     ("POD_TOPOLOGY_ZONE_MAX_SKEW_KEY", {"POD_TOPOLOGY_ZONE_MAX_SKEW_KEY": "/zone"}),
     ("NUDGE_COREDNS_PODS", {"NUDGE_COREDNS_PODS": "sometimes"}),
     ("COREDNS_SERVICE_NAME", {"COREDNS_SERVICE_NAME": "Kube DNS"}),
+    ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "0"}),
+    ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "11"}),
+    ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "2147483648"}),
+    ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "lots"}),
+    ("GATEWAY_MAX_CPU", {"GATEWAY_MAX_CPU": "NaN"}),
+    ("GATEWAY_MAX_CPU", {"GATEWAY_MAX_CPU": "1"}),
+    ("GATEWAY_MAX_CPU", {"GATEWAY_MAX_CPU": "-8"}),
+    ("GATEWAY_MAX_MEMORY", {"GATEWAY_MAX_MEMORY": "512Mi"}),
+    ("GATEWAY_MAX_MEMORY", {"GATEWAY_MAX_MEMORY": "16 GB"}),
 ]
 
 
@@ -98,3 +134,26 @@ def test_every_bad_variable_is_reported_at_once() -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env({"ENABLE_PDB": "x", "GATEWAY_NAMESPACE": "X"})
     assert "ENABLE_PDB:" in str(info.value) and "GATEWAY_NAMESPACE:" in str(info.value)
+
+
+def test_the_gateway_namespace_limits_are_sized_to_the_defaults() -> None:
+    """infra/namespace/limits.yaml backs the ceilings up: the same numbers, per pod, and a
+    quota for 100 gateways at their default maxReplicas and resources."""
+    path = Path(__file__).resolve().parents[2] / "infra" / "namespace" / "limits.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
+    assert {d["metadata"]["namespace"] for d in docs.values()} == {DEFAULT_GATEWAY_NAMESPACE}
+    ceilings = Settings().ceilings
+    most = {"cpu": ceilings.cpu, "memory": ceilings.memory}
+    container, pod = docs["LimitRange"]["spec"]["limits"]
+    assert (container["type"], pod["type"]) == ("Container", "Pod")
+    assert container["max"] == most and pod["max"] == most
+    assert container["default"] == dict(DEFAULT_LIMITS)
+    assert container["defaultRequest"] == dict(DEFAULT_REQUESTS)
+
+    hard = docs["ResourceQuota"]["spec"]["hard"]
+    pods = 100 * DEFAULT_MAX_REPLICAS
+    assert int(hard["pods"]) == pods
+    for kind, defaults in (("requests", DEFAULT_REQUESTS), ("limits", DEFAULT_LIMITS)):
+        for resource, amount in defaults:
+            assert quantity_value(hard[f"{kind}.{resource}"]) == pods * quantity_value(amount)
+    assert hard["services.loadbalancers"] == hard["services.nodeports"] == "0"

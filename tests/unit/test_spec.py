@@ -1,20 +1,42 @@
-"""Parsing ExternalServices: defaults, every accepted form, and a matrix of invalid objects."""
+"""Parsing ExternalServices: defaults, every accepted form, and a matrix of invalid objects.
+
+Hostile input gets its own tests: the table shared with the CRD tests (``hostile.py``), the
+operator's ceilings, Kubernetes' quantity grammar, and a fuzzer asserting that whatever the
+input, parsing returns a spec or raises InvalidExternalService, never anything else, so that
+one bad object cannot stop the others.
+"""
 
 from __future__ import annotations
 
 import copy
+import io
+import math
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from egressctl.render_cmds import parse_files
+from reconcile.hijack import HijackState
+from reconcile.render import render
+from reconcile.settings import Settings
 from reconcile.spec import (
+    MAX_REPORTED_ERRORS,
+    Ceilings,
+    ExternalService,
     ExternalServiceSpec,
     InvalidExternalService,
     Port,
     Protocol,
     Resources,
     parse_external_service,
+    quantity_value,
 )
+from tests.unit.hostile import HOSTILE, Hostile
 
 
 def manifest(name: str = "google", **spec: Any) -> dict[str, Any]:
@@ -194,8 +216,8 @@ BAD: list[tuple[str, Any, str, str]] = [
         "name",
     ),
     ("hijack-string", manifest(hijackDns="true"), "spec.hijackDns", "true or false"),
-    ("min-replicas-zero", manifest(minReplicas=0), "spec.minReplicas", "at least 1"),
-    ("max-replicas-zero", manifest(maxReplicas=0), "spec.maxReplicas", "at least 1"),
+    ("min-replicas-zero", manifest(minReplicas=0), "spec.minReplicas", "from 1 to"),
+    ("max-replicas-zero", manifest(maxReplicas=0), "spec.maxReplicas", "from 1 to"),
     ("min-above-max", manifest(minReplicas=5, maxReplicas=2), "spec.maxReplicas", "minReplicas"),
     ("min-above-default-max", manifest(minReplicas=13), "spec.maxReplicas", "minReplicas (13)"),
     ("replicas-float", manifest(minReplicas=1.5), "spec.minReplicas", "integer"),
@@ -249,7 +271,7 @@ BAD: list[tuple[str, Any, str, str]] = [
         "ip-override-unspecified",
         manifest(ipOverride=["0.0.0.0"]),
         "spec.ipOverride[0]",
-        "cannot be",
+        "unspecified",
     ),
     (
         "ip-override-duplicate",
@@ -290,6 +312,119 @@ BAD: list[tuple[str, Any, str, str]] = [
         "spec.envoyJsonAdminAccessLogs",
         "true or false",
     ),
+    # The operator's ceilings (defaults: 100 replicas, 8 cpu and 16Gi memory per pod): the CRD
+    # cannot know them, only the reconciler refuses these.
+    (
+        "max-replicas-over-ceiling",
+        manifest(maxReplicas=101),
+        "spec.maxReplicas",
+        "GATEWAY_MAX_REPLICAS",
+    ),
+    (
+        "min-replicas-over-ceiling",
+        manifest(minReplicas=101, maxReplicas=101),
+        "spec.minReplicas",
+        "ceiling of 100 replicas",
+    ),
+    (
+        "cpu-limit-over-ceiling",
+        manifest(resources={"limits": {"cpu": 9}}),
+        "spec.resources.limits.cpu",
+        "GATEWAY_MAX_CPU",
+    ),
+    (
+        "cpu-request-over-ceiling",
+        manifest(resources={"requests": {"cpu": "8001m"}}),
+        "spec.resources.requests.cpu",
+        "ceiling of 8 cpu per gateway pod",
+    ),
+    (
+        "cpu-exa",
+        manifest(resources={"limits": {"cpu": "1E"}}),
+        "spec.resources.limits.cpu",
+        "GATEWAY_MAX_CPU",
+    ),
+    (
+        "cpu-huge-exponent",
+        manifest(resources={"limits": {"cpu": "1e99"}}),
+        "spec.resources.limits.cpu",
+        "GATEWAY_MAX_CPU",
+    ),
+    (
+        "memory-limit-over-ceiling",
+        manifest(resources={"limits": {"memory": "17Gi"}}),
+        "spec.resources.limits.memory",
+        "GATEWAY_MAX_MEMORY",
+    ),
+    (
+        "memory-request-over-ceiling",
+        manifest(resources={"requests": {"memory": "16.5Gi"}}),
+        "spec.resources.requests.memory",
+        "ceiling of 16Gi memory",
+    ),
+    # Input the API server never sends but files and old objects may hold: each once crashed
+    # the parser or slipped through it.
+    (
+        "quantity-float-nan",
+        manifest(resources={"limits": {"cpu": math.nan}}),
+        "spec.resources.limits.cpu",
+        "not a Kubernetes quantity",
+    ),
+    (
+        "quantity-float-infinity",
+        manifest(resources={"limits": {"memory": math.inf}}),
+        "spec.resources.limits.memory",
+        "not a Kubernetes quantity",
+    ),
+    (
+        "quantity-nan-request-with-limit",
+        manifest(resources={"requests": {"cpu": "NaN"}, "limits": {"cpu": "1"}}),
+        "spec.resources.requests.cpu",
+        "not a Kubernetes quantity",
+    ),
+    (
+        "hugepages-not-a-multiple",
+        manifest(resources={"limits": {"hugepages-2Mi": "3Mi", "memory": "1Gi"}}),
+        "spec.resources.limits.hugepages-2Mi",
+        "multiple of the page size",
+    ),
+    (
+        "resource-name-not-string",
+        manifest(resources={"limits": {1: "1"}}),
+        "spec.resources.limits.1",
+        "strings",
+    ),
+    (
+        "resources-unknown-int-key",
+        manifest(resources={"limits": {}, 7: {}}),
+        "spec.resources",
+        "unknown field(s) 7",
+    ),
+    (
+        "port-unknown-mixed-keys",
+        manifest(ports=[{"port": 443, 1: 2, "name": "x"}]),
+        "spec.ports[0]",
+        "unknown field(s) 1, name",
+    ),
+    (
+        "port-huge-integer",
+        manifest(ports=[{"port": 10**5000}]),
+        "spec.ports[0].port",
+        "an integer of 16610 bits",
+    ),
+    (
+        "replicas-huge-integer",
+        manifest(minReplicas=-(10**5000)),
+        "spec.minReplicas",
+        "an integer of 16610 bits",
+    ),
+    ("name-trailing-newline", manifest("google\n"), "metadata.name", "DNS-1035"),
+    (
+        "ip-override-long-zone",
+        manifest(ipOverride=["fe80::1%" + "x" * 100_000]),
+        "spec.ipOverride[0]",
+        "...",
+    ),
 ]
 
 
@@ -319,3 +454,317 @@ def test_all_errors_of_one_object_are_reported_together() -> None:
         "spec.envoyLogLevel",
     ]
     assert "ExternalService <unnamed>" not in str(info.value)
+
+
+# --- hostile input ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[h.id for h in HOSTILE])
+def test_hostile_object_is_refused_with_the_field_and_reason(case: Hostile) -> None:
+    """The same table the CRD tests and the API server refuse (tests/unit/hostile.py)."""
+    with pytest.raises(InvalidExternalService) as info:
+        parse_external_service(case.manifest())
+    reported = {e.path: e.reason for e in info.value.errors}
+    assert case.field in reported, f"expected an error on {case.field}, got {reported}"
+    assert case.words in reported[case.field]
+
+
+def test_raised_ceilings_admit_what_the_defaults_refuse() -> None:
+    big = manifest(
+        minReplicas=150,
+        maxReplicas=400,
+        resources={
+            "requests": {"cpu": 16, "memory": "32Gi"},
+            "limits": {"cpu": 32, "memory": "64Gi"},
+        },
+    )
+    with pytest.raises(InvalidExternalService):
+        parse_external_service(big)
+    es = parse_external_service(big, Ceilings(max_replicas=400, cpu="32", memory="64Gi"))
+    assert (es.spec.min_replicas, es.spec.max_replicas) == (150, 400)
+    with pytest.raises(InvalidExternalService) as info:
+        parse_external_service(big, Ceilings(max_replicas=399, cpu="32", memory="64Gi"))
+    assert [e.path for e in info.value.errors] == ["spec.maxReplicas"]
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_replicas": 0}, {"max_replicas": 2**31}, {"cpu": "NaN"}, {"memory": "0"}]
+)
+def test_ceilings_are_checked_when_made(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Ceilings(**bad)
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [
+        {
+            "requests": {"cpu": "8", "memory": "16Gi"},
+            "limits": {"cpu": "8000m", "memory": "16384Mi"},
+        },
+        {"limits": {"hugepages-2Mi": "4Mi", "memory": "1Gi"}},
+        {"requests": {"hugepages-1Gi": "2Gi", "cpu": 1}, "limits": {"hugepages-1Gi": "2Gi"}},
+        {"limits": {"example.com/dongle": 2}},
+        {"requests": {"example.com/dongle": "1"}, "limits": {"example.com/dongle": 1}},
+        {"requests": {"ephemeral-storage": "1Gi"}, "limits": {"ephemeral-storage": "2G"}},
+        {"limits": {"cpu": "1e-1", "memory": "5."}},
+        {"limits": {"cpu": "+.5"}},
+        {},
+    ],
+    ids=[
+        "at-the-ceilings",
+        "hugepages",
+        "hugepages-request-equals-limit",
+        "extended-limit-only",
+        "extended-request-equals-limit",
+        "ephemeral-storage",
+        "exponent-and-bare-fraction",
+        "plus-sign",
+        "empty",
+    ],
+)
+def test_resources_kubernetes_accepts_are_accepted(resources: dict[str, Any]) -> None:
+    es = parse_external_service(manifest(resources=resources))
+    assert es.spec.resources.to_dict() == {
+        k: {n: str(v) for n, v in q.items()} for k, q in resources.items() if q
+    }
+
+
+QUANTITY_VALUES: list[tuple[str, Decimal | None]] = [
+    ("0", Decimal(0)),
+    ("100m", Decimal("0.1")),
+    ("1", Decimal(1)),
+    ("+1", Decimal(1)),
+    ("-1", Decimal(-1)),
+    ("5.", Decimal(5)),
+    (".5", Decimal("0.5")),
+    ("1.5Gi", Decimal(3 * 2**29)),
+    ("1Ki", Decimal(1024)),
+    ("2Ei", Decimal(2 * 2**60)),
+    ("1k", Decimal(1000)),
+    ("1E", Decimal(10**18)),
+    ("1e3", Decimal(1000)),
+    ("1E3", Decimal(1000)),
+    ("1e+3", Decimal(1000)),
+    ("1e-3", Decimal("0.001")),
+    # Rounded up to a whole milli unit, as the API server does for a container's resources.
+    ("1n", Decimal("0.001")),
+    ("0.1n", Decimal("0.001")),
+    ("1.0001m", Decimal("0.002")),
+    ("-1.0001m", Decimal("-0.002")),
+    ("1e-30", Decimal("0.001")),
+    ("1e99", Decimal("1e99")),
+    ("99999999999999999999", Decimal("99999999999999999999")),
+    ("1e100", None),  # longer exponents stall the API server (1e999999999: minutes)
+    ("1e999999999", None),
+    ("", None),
+    ("NaN", None),
+    ("nan", None),
+    ("Infinity", None),
+    ("-Infinity", None),
+    ("inf", None),
+    ("sNaN", None),
+    ("1 ", None),
+    (" 1", None),
+    ("1_0", None),
+    ("\u0661", None),
+    ("1\n", None),
+    (".", None),
+    ("+", None),
+    ("1e", None),
+    ("1e1.5", None),
+    ("1e1234567890", None),
+    ("1K", None),
+    ("1ki", None),
+    ("1Gb", None),
+    ("0x10", None),
+    ("1" * 65, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), QUANTITY_VALUES, ids=[repr(t)[:30] for t, _ in QUANTITY_VALUES]
+)
+def test_quantity_value_follows_kubernetes(text: str, value: Decimal | None) -> None:
+    if value is None:
+        with pytest.raises(ValueError):
+            quantity_value(text)
+    else:
+        assert quantity_value(text) == value
+
+
+def test_errors_are_capped_so_that_the_condition_message_fits() -> None:
+    obj = manifest(ports=[{"port": 0, "protocol": "x" * 10_000} for _ in range(64)])
+    with pytest.raises(InvalidExternalService) as info:
+        parse_external_service(obj)
+    errors = info.value.errors
+    assert len(errors) == MAX_REPORTED_ERRORS
+    assert errors[-1].reason == f"and {2 * 64 - MAX_REPORTED_ERRORS + 1} more"
+    assert len("; ".join(map(str, errors))) < 32768 // 4
+
+
+VALID_NEIGHBOURS = """\
+apiVersion: egress.monzo.com/v1
+kind: ExternalService
+metadata: {name: first}
+spec: {dnsName: first.example.com, ports: [{port: 443}]}
+---
+apiVersion: egress.monzo.com/v1
+kind: ExternalService
+metadata: {name: nan-cpu}
+spec: {dnsName: nan.example.com, ports: [{port: 443}], resources: {limits: {cpu: NaN}}}
+---
+apiVersion: egress.monzo.com/v1
+kind: ExternalService
+metadata: {name: nan-request}
+spec:
+  dnsName: nan.example.com
+  ports: [{port: 443}]
+  resources: {requests: {cpu: sNaN}, limits: {cpu: "1"}}
+---
+apiVersion: egress.monzo.com/v1
+kind: ExternalService
+metadata: {name: float-nan}
+spec: {dnsName: nan.example.com, ports: [{port: 443}], resources: {limits: {memory: .nan}}}
+---
+apiVersion: egress.monzo.com/v1
+kind: ExternalService
+metadata: {name: infinite}
+spec: {dnsName: inf.example.com, ports: [{port: 443}], resources: {requests: {memory: Infinity}}}
+---
+apiVersion: egress.monzo.com/v1
+kind: ExternalService
+metadata: {name: odd-keys}
+spec: {dnsName: odd.example.com, ports: [{port: 443, 1: 2, null: x}], 3: 4}
+---
+apiVersion: egress.monzo.com/v1
+kind: ExternalService
+metadata: {name: last}
+spec: {dnsName: last.example.com, ports: [{port: 8443}]}
+"""
+
+
+def test_an_unparsable_object_among_valid_ones_stops_nothing(tmp_path: Path) -> None:
+    """Objects stored before the CRD (or files) with quantities Decimal chokes on, planted
+    among valid ones: each bad one is refused with its field, every valid one still parses,
+    through the parser and through ``egressctl render``'s reading of a multi-document file."""
+    parsed: list[str] = []
+    refused: dict[str, list[str]] = {}
+    for doc in yaml.safe_load_all(VALID_NEIGHBOURS):
+        try:
+            parsed.append(parse_external_service(doc).name)
+        except InvalidExternalService as exc:
+            refused[exc.name] = [e.path for e in exc.errors]
+    assert parsed == ["first", "last"]
+    assert refused == {
+        "nan-cpu": ["spec.resources.limits.cpu"],
+        "nan-request": ["spec.resources.requests.cpu"],
+        "float-nan": ["spec.resources.limits.memory"],
+        "infinite": ["spec.resources.requests.memory"],
+        "odd-keys": ["spec", "spec.ports[0]"],
+    }
+
+    path = tmp_path / "mixed.yaml"
+    path.write_text(VALID_NEIGHBOURS)
+    items, readable = parse_files([str(path)], err=io.StringIO())
+    assert readable
+    assert [i.service.name for i in items if i.service is not None] == ["first", "last"]
+    assert len([i for i in items if i.error is not None]) == 5
+
+
+# --- fuzzing: a spec or InvalidExternalService, never anything else ---------------------
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=2**62, max_value=2**70)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(["NaN", "Infinity", "-inf", "sNaN", "1e999999999", "", "0", "\n"])
+)
+_keys = st.text(max_size=8) | st.integers(-3, 3) | st.none() | st.booleans()
+json_like = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_keys, inner, max_size=4),  # type: ignore[arg-type]
+    max_leaves=12,
+)
+quantity_like = st.text(alphabet="0123456789.+-eEKMGTPinumkNaIfty _", max_size=14) | st.integers()
+resource_names = st.sampled_from(
+    [
+        "cpu",
+        "memory",
+        "ephemeral-storage",
+        "hugepages-2Mi",
+        "hugepages-",
+        "hugepages-x",
+        "example.com/dongle",
+        "example.kubernetes.io/x",
+        "requests.example.com/x",
+        "gpu",
+        "",
+        "/",
+    ]
+)
+resource_maps = st.dictionaries(resource_names, quantity_like | json_like, max_size=5)
+ip_like = st.sampled_from(
+    ["169.254.169.254", "fd00:ec2::254", "::ffff:127.0.0.1", "fe80::1%eth0", "203.0.113.7", "::"]
+) | st.text(alphabet="0123456789abcdef:.%", max_size=20)
+dns_like = st.sampled_from(
+    ["metadata.google.internal", "a.localhost", "example.com", "EXAMPLE.com", "a..b", "x\n.com"]
+) | st.text(alphabet="abc.-0\n*", max_size=12)
+
+SPEC_VALUES: dict[str, st.SearchStrategy[Any]] = {
+    "dnsName": dns_like | json_like,
+    "ports": st.lists(
+        st.dictionaries(st.sampled_from(["port", "protocol", "name"]), json_like, max_size=3)
+        | st.fixed_dictionaries({"port": st.integers(-1, 70000) | json_like}),
+        max_size=4,
+    )
+    | json_like,
+    "hijackDns": json_like,
+    "minReplicas": st.integers(-1, 2**32) | json_like,
+    "maxReplicas": st.integers(-1, 2**32) | json_like,
+    "targetCPUUtilizationPercentage": json_like,
+    "resources": st.fixed_dictionaries(
+        {}, optional={"requests": resource_maps | json_like, "limits": resource_maps | json_like}
+    )
+    | json_like,
+    "ipOverride": st.lists(ip_like | json_like, max_size=4) | json_like,
+    "envoyClusterMaxConnections": json_like,
+    "envoyLogLevel": json_like,
+    "envoyDnsRefreshRateS": json_like,
+    "envoyRespectDnsTTL": json_like,
+    "serviceTopologyMode": json_like,
+    "envoyJsonAdminAccessLogs": json_like,
+    "envoyJsonClusterAccessLogs": json_like,
+    "typo": json_like,
+}
+
+
+@st.composite
+def raw_objects(draw: st.DrawFn) -> Any:
+    """Mostly a valid manifest with some fields replaced by anything; sometimes anything."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(json_like)
+    obj = manifest()
+    for key in draw(st.sets(st.sampled_from(sorted(SPEC_VALUES)), max_size=4)):
+        obj["spec"][key] = draw(SPEC_VALUES[key])
+    if draw(st.booleans()):
+        obj[draw(st.sampled_from(["metadata", "spec", "apiVersion", "kind"]))] = draw(json_like)
+    return obj
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(raw_objects())
+def test_any_input_parses_or_is_refused_with_invalid_external_service(obj: Any) -> None:
+    try:
+        es = parse_external_service(obj)
+    except InvalidExternalService as exc:
+        assert exc.errors
+        # What the controller writes into the Valid condition must fit its 32768 characters.
+        assert len("; ".join(str(e) for e in exc.errors)) <= 32768
+        return
+    assert isinstance(es, ExternalService)
+    # A spec that parses is one the renderer can always turn into objects.
+    render(es, Settings(), HijackState.FALSE)
