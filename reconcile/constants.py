@@ -59,6 +59,16 @@ CONTAINER_NAME = "gateway"
 CONFIG_MOUNT_PATH = "/etc/envoy"
 ADMIN_PORT_BASE = 11000
 
+# Gateway pods run as the official envoyproxy/envoy image's `envoy` user and group, never root.
+GATEWAY_UID = 101
+GATEWAY_GID = 101
+# Ports below this one are privileged: binding them needs CAP_NET_BIND_SERVICE, which a
+# non-root process never has in effect. Instead the pod lowers this per-network-namespace
+# sysctl (a "safe" sysctl: kubelets and Pod Security "restricted" allow it) to its lowest
+# declared port when that is below 1024.
+PRIVILEGED_PORT_LIMIT = 1024
+SYSCTL_UNPRIVILEGED_PORT_START = "net.ipv4.ip_unprivileged_port_start"
+
 
 def grant_label(name: str) -> str:
     """The per-gateway grant label key a client pod carries to reach gateway ``name``."""

@@ -7,6 +7,7 @@ apply of an unchanged object is a no-op and ``egressctl render`` is diffable.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,7 @@ from reconcile import constants as c
 from reconcile.envoy import admin_port, bootstrap_yaml, config_hash
 from reconcile.hijack import HijackState
 from reconcile.settings import Settings
-from reconcile.spec import ExternalService
+from reconcile.spec import ExternalService, ExternalServiceSpec
 
 Obj = dict[str, Any]
 
@@ -77,30 +78,71 @@ def configmap(es: ExternalService, settings: Settings) -> Obj:
     return obj
 
 
+def pod_security_context(spec: ExternalServiceSpec) -> Obj:
+    """The gateway pod's securityContext: Pod Security "restricted", Envoy as uid/gid 101.
+
+    A non-root process cannot bind ports below 1024 even with CAP_NET_BIND_SERVICE in its
+    bounding set (the runtime grants no ambient capabilities), so when a declared port is
+    below 1024 the pod lowers ``net.ipv4.ip_unprivileged_port_start`` in its own network
+    namespace to its lowest declared port instead: a namespaced "safe" sysctl that kubelets
+    allow by default and Pod Security admits at every level.
+    """
+    security: Obj = {
+        "runAsNonRoot": True,
+        "runAsUser": c.GATEWAY_UID,
+        "runAsGroup": c.GATEWAY_GID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    lowest = min(p.port for p in spec.ports)
+    if lowest < c.PRIVILEGED_PORT_LIMIT:
+        security["sysctls"] = [{"name": c.SYSCTL_UNPRIVILEGED_PORT_START, "value": str(lowest)}]
+    return security
+
+
+# The gateway container: no privilege escalation (no setuid), no capabilities at all, and
+# nothing writable but what Kubernetes mounts (Envoy writes no files: logs go to stdout, the
+# config is a read-only ConfigMap, and hot restart, which would need shared memory, is off).
+CONTAINER_SECURITY_CONTEXT: Obj = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
 def deployment(es: ExternalService, settings: Settings) -> Obj:
-    """The gateway Deployment. ``spec.replicas`` is left out: the HPA owns it."""
+    """The gateway Deployment. ``spec.replicas`` is left out: the HPA owns it.
+
+    Pods are hardened (docs/operations.md, "Least privilege"): non-root, no capabilities, a
+    read-only root filesystem, the runtime's default seccomp profile, no ServiceAccount token
+    (Envoy never calls the API server) and no Service environment variables.
+    """
     spec = es.spec
     envoy_yaml = bootstrap_yaml(es.name, spec)
     admin = admin_port(spec)
-    args = ["-c", f"{c.CONFIG_MOUNT_PATH}/{c.CONFIGMAP_KEY}"]
+    # A pod is never hot-restarted in place: --disable-hot-restart spares Envoy its shared
+    # memory region and domain socket.
+    args = ["-c", f"{c.CONFIG_MOUNT_PATH}/{c.CONFIGMAP_KEY}", "--disable-hot-restart"]
     if spec.envoy_log_level:
         args += ["--log-level", spec.envoy_log_level]
     container: Obj = {
         "name": c.CONTAINER_NAME,
         "image": settings.envoy_image,
         "args": args,
-        "env": [{"name": "ENVOY_UID", "value": "0"}],
         "ports": [{"containerPort": p.port, "protocol": p.protocol.value} for p in spec.ports],
         "readinessProbe": {"httpGet": {"path": "/ready", "port": admin}},
         "lifecycle": {"preStop": {"exec": {"command": ["sleep", "25"]}}},
         "resources": spec.resources.to_dict(),
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
         "volumeMounts": [
             {"name": "envoy-config", "mountPath": c.CONFIG_MOUNT_PATH, "readOnly": True}
         ],
     }
     pod_spec: Obj = {
+        "automountServiceAccountToken": False,
         "containers": [container],
         "dnsPolicy": "Default",
+        "enableServiceLinks": False,
+        "securityContext": pod_security_context(spec),
         "terminationGracePeriodSeconds": 30,
         "volumes": [{"name": "envoy-config", "configMap": {"name": es.name}}],
     }

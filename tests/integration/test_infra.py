@@ -4,7 +4,10 @@ what the code uses.
 The RBAC half records every request of the reconciler's scenarios (create, update, DNS hijack
 with delivery and Corefile import management, deletion with finalizer and grace, sweep with
 pruning, status) and of the exporter's list-then-watch, each run as its own RBAC identity, and
-compares the derived accesses with the grants of each overlay (see rbac_audit.py).
+compares the derived accesses with the grants of each overlay (see rbac_audit.py). The
+reconciler's scenarios run twice, with MANAGE_COREDNS_IMPORT on and off, and each overlay is
+held to the run its own pipeline's setting allows: the Corefile write is granted exactly where
+the setting is on.
 """
 
 from __future__ import annotations
@@ -75,6 +78,23 @@ EXPORTER = {
 }
 SETTINGS = Settings()  # names and paths only: the product's defaults
 FIXED_NAMES = frozenset({SETTINGS.dns_configmap_name, SETTINGS.coredns_configmap_name})
+# The component that grants the Corefile write, for overlays whose pipeline runs with
+# MANAGE_COREDNS_IMPORT=true.
+MANAGE_IMPORT_COMPONENT = INFRA / "rbac" / "manage-coredns-import"
+# The one access MANAGE_COREDNS_IMPORT adds: rewriting CoreDNS's Corefile, by name.
+COREFILE_WRITE = Access("update", "", "configmaps", "kube-system", SETTINGS.coredns_configmap_name)
+
+
+def _cloudbuild_manages_import() -> bool:
+    build = yaml.safe_load((REPO / "cloudbuild.yaml").read_text())
+    return str(build["substitutions"]["_MANAGE_COREDNS_IMPORT"]) == "true"
+
+
+# Whether each overlay's reconciler runs with MANAGE_COREDNS_IMPORT=true, as whatever deploys it
+# sets it: dev, the cluster tests (this file, test_dns.py); kind, egressctl/kind_pipeline.py
+# (--manage-coredns-import, on by default; test_kind_script.py checks it); gke, the default of
+# cloudbuild.yaml's _MANAGE_COREDNS_IMPORT (docs/operations.md: add the component with it).
+MANAGES_COREDNS_IMPORT = {"dev": True, "kind": True, "gke": _cloudbuild_manages_import()}
 
 
 def _kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -150,6 +170,44 @@ def test_gke_overlay_wires_workload_identity_and_the_image() -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["GOOGLE_CLOUD_PROJECT"] == "my-project"
     assert env["GATEWAY_NAMESPACE"] == GATEWAY_NS
+
+
+def _with_components(overlay: str, where: Path, *components: Path) -> list[dict[str, Any]]:
+    """An overlay as a user would extend it: their own kustomization with our Components."""
+    where.mkdir(parents=True, exist_ok=True)
+    (where / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(INFRA / "overlays" / overlay, where)],
+                "components": [os.path.relpath(c, where) for c in components],
+            }
+        )
+    )
+    return kustomize(where, PLACEHOLDERS[overlay])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_corefile_write_is_granted_only_where_import_management_is_on(
+    overlay: str, tmp_path: Path
+) -> None:
+    reconciler = RECONCILER[overlay]
+    granted = grants(kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay]), reconciler)
+    writes = sorted((g.scope, g.name) for g in granted if g.covers(COREFILE_WRITE))
+    # Reading the Corefile (to report a missing import line) is granted everywhere.
+    assert any(g.covers(dataclasses.replace(COREFILE_WRITE, verb="get")) for g in granted)
+    if MANAGES_COREDNS_IMPORT[overlay]:
+        assert writes == [("kube-system", SETTINGS.coredns_configmap_name)]
+        return
+    assert writes == []
+    # The documented way to turn it on there: the component, added to the overlay as it is,
+    # grants exactly the write to the overlay's own reconciler identity.
+    extended = _with_components(overlay, tmp_path, MANAGE_IMPORT_COMPONENT)
+    added = grants(extended, reconciler) - granted
+    assert {(g.verb, g.resource, g.scope, g.name) for g in added} == {
+        ("update", "configmaps", "kube-system", SETTINGS.coredns_configmap_name)
+    }
 
 
 @pytest.mark.cluster
@@ -249,7 +307,7 @@ def corefile(admin: Kube) -> Iterator[dict[str, Any]]:
 
 
 def _reconciler_scenarios(
-    dev_stack: DevStack, admin: Kube, corefile: dict[str, Any], name: str
+    dev_stack: DevStack, admin: Kube, corefile: dict[str, Any], name: str, manage_import: bool
 ) -> RecordingApiClient:
     api = RecordingApiClient(
         api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler"))
@@ -259,7 +317,7 @@ def _reconciler_scenarios(
     settings = dev_settings(
         delete_grace_s=60,
         enable_pdb=True,
-        manage_coredns_import=True,
+        manage_coredns_import=manage_import,
         coredns_import_path=dev_stack.env["COREDNS_IMPORT_PATH"],
     )
     reconciler = build_reconciler(kube, settings, clock=clock)
@@ -273,7 +331,7 @@ def _reconciler_scenarios(
     assert first.outcome == "converged", first
     assert set(children(admin, name)) >= {"Deployment", "Service", "PodDisruptionBudget"}
     # Hijack: pods ready, Service label true, rules delivered (PUT) and the missing Corefile
-    # import line added (PUT of kube-system/coredns).
+    # import line added (PUT of kube-system/coredns) when allowed, else only reported.
     stripped = corefile["data"][settings.corefile_key].replace(f"    {import_line}\n", "")
     assert stripped != corefile["data"][settings.corefile_key]
     admin.merge_patch(
@@ -289,7 +347,14 @@ def _reconciler_scenarios(
     assert dns is not None and f"{name}.example.com" in "".join(dns["data"].values())
     live_corefile = admin.get(CONFIGMAP, settings.coredns_configmap_name, "kube-system")
     assert live_corefile is not None
-    assert live_corefile["data"][settings.corefile_key].count(import_line) == 1
+    if manage_import:
+        assert live_corefile["data"][settings.corefile_key].count(import_line) == 1
+    else:
+        assert live_corefile["data"][settings.corefile_key] == stripped, "not allowed: written"
+        # Put the line back at once: the stack's CoreDNS serves other tests meanwhile.
+        admin.merge_patch(
+            CONFIGMAP, settings.coredns_configmap_name, {"data": corefile["data"]}, "kube-system"
+        )
     # Update: a spec change re-applies existing objects.
     update_spec(admin, name, {"ports": [{"port": 443}, {"port": 8443}]})
     assert reconciler.reconcile(name).outcome == "converged"
@@ -324,13 +389,13 @@ def _reconciler_scenarios(
     return api
 
 
-@pytest.mark.cluster
-def test_reconciler_rbac_is_exactly_what_its_requests_need(
-    dev_stack: DevStack, admin: Kube, corefile: dict[str, Any], unique: str
-) -> None:
-    name = f"rbac-{unique}"
+def _needed_by_reconciler(
+    dev_stack: DevStack, admin: Kube, corefile: dict[str, Any], name: str, manage_import: bool
+) -> set[Access]:
+    """The accesses of the reconciler's scenarios, with ``name`` replaced by ``<es>`` so that
+    runs under different names compare."""
     try:
-        api = _reconciler_scenarios(dev_stack, admin, corefile, name)
+        api = _reconciler_scenarios(dev_stack, admin, corefile, name, manage_import)
     finally:
         purge(admin, name)
     refused = [r for r in api.requests if r.status == 403]
@@ -339,7 +404,7 @@ def test_reconciler_rbac_is_exactly_what_its_requests_need(
     # Sanity: the scenarios did reach every path that needs its own grant.
     expected_samples = {
         Access("create", "", "configmaps", "kube-system", ""),
-        Access("update", "", "configmaps", "kube-system", SETTINGS.coredns_configmap_name),
+        Access("get", "", "configmaps", "kube-system", SETTINGS.coredns_configmap_name),
         Access("update", "", "configmaps", "kube-system", SETTINGS.dns_configmap_name),
         Access("patch", c.GROUP, "externalservices/status", "", name),
         Access("update", c.GROUP, "externalservices/finalizers", "", name),
@@ -349,10 +414,44 @@ def test_reconciler_rbac_is_exactly_what_its_requests_need(
     }
     assert expected_samples <= needed, sorted(expected_samples - needed)
     assert any(a.verb == "patch" and a.resource == "pods" for a in needed), "no CoreDNS nudge"
+    assert (COREFILE_WRITE in needed) == manage_import
+    return {dataclasses.replace(a, name=a.name.replace(name, "<es>")) for a in needed}
+
+
+@pytest.mark.cluster
+def test_reconciler_rbac_is_exactly_what_its_requests_need(
+    dev_stack: DevStack, admin: Kube, corefile: dict[str, Any], unique: str, tmp_path: Path
+) -> None:
+    needed = {
+        manage_import: _needed_by_reconciler(
+            dev_stack, admin, corefile, f"rbac-{label}-{unique}", manage_import
+        )
+        for manage_import, label in ((True, "on"), (False, "off"))
+    }
+    # MANAGE_COREDNS_IMPORT changes exactly one access: the Corefile write.
+    assert needed[True] - needed[False] == {COREFILE_WRITE}, sorted(needed[True] ^ needed[False])
+    assert needed[False] <= needed[True], sorted(needed[False] - needed[True])
     for overlay in OVERLAYS:
         objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
-        problems = compare(needed, grants(objects, RECONCILER[overlay]), FIXED_NAMES)
+        problems = compare(
+            needed[MANAGES_COREDNS_IMPORT[overlay]],
+            grants(objects, RECONCILER[overlay]),
+            FIXED_NAMES,
+        )
         assert not problems, f"overlay {overlay}, reconciler:\n  " + "\n  ".join(problems)
+    # The checker holds both ways: gke with the Corefile write but without the setting is
+    # broader than needed, and gke with the setting needs the write, which the component
+    # (the documented way to turn it on there) adds and nothing else.
+    gke = grants(kustomize(INFRA / "overlays" / "gke", GKE_VALUES), RECONCILER["gke"])
+    gke_managing = grants(
+        _with_components("gke", tmp_path / "gke-managing", MANAGE_IMPORT_COMPONENT),
+        RECONCILER["gke"],
+    )
+    [broader] = compare(needed[False], gke_managing, FIXED_NAMES)
+    assert broader.startswith("unused: update core/configmaps") and "name=coredns" in broader
+    [missing] = compare(needed[True], gke, FIXED_NAMES)
+    assert missing == f"missing: {COREFILE_WRITE}"
+    assert compare(needed[True], gke_managing, FIXED_NAMES) == []
 
 
 # --------------------------------------------------------------------------- CoreDNS nudge

@@ -120,8 +120,14 @@ def test_deployment_pod_template() -> None:
     (container,) = pod["containers"]
     assert container["name"] == "gateway"
     assert container["image"] == "envoyproxy/envoy:v1.0.0"
-    assert container["args"] == ["-c", "/etc/envoy/envoy.yaml", "--log-level", "debug"]
-    assert container["env"] == [{"name": "ENVOY_UID", "value": "0"}]
+    assert container["args"] == [
+        "-c",
+        "/etc/envoy/envoy.yaml",
+        "--disable-hot-restart",
+        "--log-level",
+        "debug",
+    ]
+    assert "env" not in container
     assert container["ports"] == [
         {"containerPort": 443, "protocol": "TCP"},
         {"containerPort": 53, "protocol": "UDP"},
@@ -132,6 +138,69 @@ def test_deployment_pod_template() -> None:
     assert container["volumeMounts"][0]["mountPath"] == "/etc/envoy"
     for key in ("nodeSelector", "tolerations", "topologySpreadConstraints"):
         assert key not in pod
+
+
+def test_gateway_pods_are_hardened() -> None:
+    """Pod Security "restricted", no API credentials, nothing writable, no capabilities."""
+    pod = deployment(es(ports=[{"port": 8443}]), DEFAULT)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["enableServiceLinks"] is False
+    assert "serviceAccountName" not in pod
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 101,
+        "runAsGroup": 101,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    (container,) = pod["containers"]
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    # Only Kubernetes' own read-only ConfigMap mount: no writable volume at all.
+    assert [v["name"] for v in pod["volumes"]] == ["envoy-config"]
+    assert all(m["readOnly"] for m in container["volumeMounts"])
+    for forbidden in ("hostNetwork", "hostPID", "hostIPC"):
+        assert forbidden not in pod
+
+
+@pytest.mark.parametrize(
+    ("ports", "sysctl"),
+    [
+        pytest.param([{"port": 8443}, {"port": 1024}], None, id="none-privileged"),
+        pytest.param([{"port": 8443}, {"port": 443}], "443", id="tcp-443"),
+        pytest.param(
+            [{"port": 8443}, {"port": 443}, {"port": 53, "protocol": "UDP"}], "53", id="lowest"
+        ),
+        pytest.param([{"port": 1023}], "1023", id="just-below"),
+        pytest.param([{"port": 1, "protocol": "UDP"}], "1", id="udp-1"),
+    ],
+)
+def test_privileged_ports_are_opened_by_sysctl_not_capability(
+    ports: list[dict[str, Any]], sysctl: str | None
+) -> None:
+    """A non-root Envoy binds ports below 1024 because the pod's network namespace starts the
+    unprivileged range at the lowest declared port, never because it holds a capability."""
+    pod = deployment(es(ports=ports), DEFAULT)["spec"]["template"]["spec"]
+    security = pod["securityContext"]
+    if sysctl is None:
+        assert "sysctls" not in security
+    else:
+        assert security["sysctls"] == [
+            {"name": "net.ipv4.ip_unprivileged_port_start", "value": sysctl}
+        ]
+    assert pod["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    # The admin port (from 11000) is above any value we set.
+    assert int(pod["containers"][0]["readinessProbe"]["httpGet"]["port"]) >= 1024
+
+
+def test_hardening_is_not_shared_between_objects() -> None:
+    """Builders return fresh dicts: changing one rendered pod never changes the next."""
+    first = deployment(es(), DEFAULT)["spec"]["template"]["spec"]
+    first["containers"][0]["securityContext"]["capabilities"]["drop"].append("X")
+    second = deployment(es(), DEFAULT)["spec"]["template"]["spec"]
+    assert second["containers"][0]["securityContext"]["capabilities"] == {"drop": ["ALL"]}
 
 
 SCHEDULING = [
