@@ -64,7 +64,8 @@ def purge(admin: Kube, name: str) -> None:
     """Remove an ExternalService and every object of its gateway, finalizer or not."""
     live = admin.get(EXTERNAL_SERVICE, name)
     if live is not None:
-        admin.merge_patch(EXTERNAL_SERVICE, name, {"metadata": {"finalizers": None}})
+        if live["metadata"].get("finalizers"):
+            admin.merge_patch(EXTERNAL_SERVICE, name, {"metadata": {"finalizers": None}})
         admin.delete(EXTERNAL_SERVICE, name)
     for resource in GATEWAY_KINDS:
         admin.delete(resource, name, GATEWAY_NS)

@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -696,3 +697,73 @@ def test_command_line_plan_reconcile_status(dev_stack: DevStack, admin: Kube, es
     row = next(line for line in status.stdout.splitlines() if line.startswith(es_name + " "))
     assert f"{es_name}.example.com" in row and "443/TCP" in row and "Valid" in row
     assert egressctl("reconcile", "no-such-gateway").returncode == 2
+
+
+def test_a_sweep_converges_the_rest_past_an_object_stored_before_the_crd_tightened(
+    admin: Kube, as_reconciler: Kube, clock: Clock, unique: str
+) -> None:
+    """Objects stored under an older, looser CRD can hold anything (a NaN quantity, a string
+    for a number). The CRD is loosened for a moment to store two such objects for real. The
+    sweep marks the first Valid=False; the second the API server will not even let us annotate
+    (a CEL rule fails on its type, and CEL errors are not ratcheted), so it is reported in the
+    sweep's errors; the neighbour converges all the same."""
+    import subprocess
+
+    import yaml
+
+    crd_path = Path(__file__).resolve().parents[2] / "infra" / "crd" / "externalservices.yaml"
+    crd = yaml.safe_load(crd_path.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    schema["properties"]["spec"] = {"type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    schema.pop("x-kubernetes-validations", None)
+    crds = Resource(
+        "apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions",
+        namespaced=False,
+    )  # fmt: skip
+    bad, worse, good = f"old-{unique}", f"older-{unique}", f"good-{unique}"
+    corrupt = [
+        external_service(bad, resources={"limits": {"cpu": "NaN"}}),
+        external_service(worse, minReplicas="two"),
+    ]
+
+    def stored() -> bool:
+        try:
+            for obj in corrupt:
+                if admin.get(EXTERNAL_SERVICE, obj["metadata"]["name"]) is None:
+                    create_es(admin, obj)
+        except PermanentError:
+            return False  # the looser schema is not served yet
+        return True
+
+    try:
+        admin.request(
+            "PATCH",
+            crds.path(None, crd["metadata"]["name"]),
+            query=[("fieldManager", "egressctl-dev"), ("force", "true")],
+            body=crd,
+            content_type="application/apply-patch+yaml",
+        )
+        eventually(stored, 30, "the looser CRD to store the old object")
+    finally:
+        subprocess.run(
+            ["kubectl", "apply", "--server-side", "--force-conflicts",
+             "--field-manager=egressctl-dev", "-f", str(crd_path)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    try:
+        create_es(admin, external_service(good))
+        report = Reconciler(as_reconciler, dev_settings(), clock=clock).sweep()
+        outcomes = {r.name: r.outcome for r in report.results}
+        assert outcomes[bad] == Outcome.INVALID and outcomes[good] == Outcome.CONVERGED, outcomes
+        mine = [e for e in report.errors if e["name"].endswith(unique)]
+        assert [e["name"] for e in mine] == [worse] and "422" in mine[0]["error"], mine
+        assert set(children(admin, good)) == KINDS
+        assert children(admin, bad) == {}
+        live = admin.get(EXTERNAL_SERVICE, bad)
+        assert live is not None
+        valid = next(cd for cd in live["status"]["conditions"] if cd["type"] == "Valid")
+        assert valid["status"] == "False"
+        assert "spec.resources" in valid["message"], valid
+    finally:
+        for name in (bad, worse, good):
+            purge(admin, name)
