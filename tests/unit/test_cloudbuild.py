@@ -181,7 +181,7 @@ def test_exporter_image_is_built_pushed_and_deployed() -> None:
     assert "--tag=${_EXPORTER_IMAGE}:${BUILD_ID}" in build
     assert STEPS["push-exporter"]["args"][-1] == "${_EXPORTER_IMAGE}"
     infra = STEPS["deploy-infra"]["args"][-1]
-    assert "kubectl kustomize infra/overlays/gke" in infra
+    assert "overlay=infra/overlays/gke" in infra and 'kubectl kustomize "$$overlay"' in infra
     assert "s|EXPORTER_IMAGE|${_EXPORTER_IMAGE}:${BUILD_ID}|g" in infra
     assert "s|PROJECT_ID|${_PROJECT}|g" in infra
     assert "push-exporter" in STEPS["deploy-infra"]["waitFor"]
@@ -201,3 +201,36 @@ def test_every_step_waits_for_the_checks(step: str) -> None:
             seen.add(dep)
             todo += STEPS[dep].get("waitFor") or []
     assert "lint-and-test" in seen, step
+
+
+@pytest.mark.parametrize("manage", ["false", "true"])
+def test_the_corefile_write_grant_follows_manage_coredns_import(
+    tmp_path: Path, manage: str
+) -> None:
+    """deploy-infra's overlay choice, run as Cloud Build would (the substitution applied, `$$`
+    unescaped), in a workspace holding this repo's infra/: the reconciler may update the
+    Corefile exactly when _MANAGE_COREDNS_IMPORT is true."""
+    import subprocess
+
+    script = STEPS["deploy-infra"]["args"][-1]
+    start = script.index("overlay=infra/overlays/gke")
+    end = script.index("| sed -e", start)
+    part = script[start:end].replace("${_MANAGE_COREDNS_IMPORT}", manage).replace("$$", "$")
+    (tmp_path / "infra").symlink_to(REPO / "infra")
+    res = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", part.rstrip().rstrip("\\")],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    objects = [o for o in yaml.safe_load_all(res.stdout) if o]
+    (role,) = [
+        o
+        for o in objects
+        if o["kind"] == "Role" and o["metadata"]["name"] == "egress-reconciler-dns"
+    ]
+    writes = [
+        r
+        for r in role["rules"]
+        if "update" in r.get("verbs", []) and "coredns" in r.get("resourceNames", [])
+    ]
+    assert bool(writes) == (manage == "true"), role["rules"]
