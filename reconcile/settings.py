@@ -40,10 +40,11 @@ DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
 DEFAULT_HOSTNAME_KEY = "kubernetes.io/hostname"
 # How long a deleted gateway keeps serving after its DNS rule is withdrawn: DNS propagation
-# (p95 2 s measured with the CoreDNS pod nudge and `reload 2s`; up to ~105 s without the nudge:
-# kubelet sync 60 s + jitter, and kubeadm's `reload` 30 s +- 15 s) plus answers clients cached
-# just before (kubeadm's CoreDNS gives a TTL of 30 s), with margin.
-DEFAULT_DELETE_GRACE_S = 60
+# (p95 2 s measured with the CoreDNS pod nudge and `reload 2s`; but a kubelet may sync the nudged
+# pod before its ConfigMap cache has the write, and then the rule waits for its periodic sync,
+# 60 s + jitter; up to ~105 s without the nudge: that sync plus kubeadm's `reload` 30 s +- 15 s)
+# plus answers clients cached just before (kubeadm's CoreDNS gives a TTL of 30 s).
+DEFAULT_DELETE_GRACE_S = 120
 DEFAULT_DELETE_GRACE_WITHOUT_NUDGE_S = 180
 DEFAULT_SWEEP_CONCURRENCY = 4
 DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"

@@ -24,6 +24,7 @@ from reconcile import constants as c
 from reconcile.controller import Outcome, Reconciler, Result
 from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, POD, SERVICE, Kube
 from tests.integration.helpers import (
+    DNS_PROPAGATION_S,
     GATEWAY_NS,
     ContinuousClient,
     Sample,
@@ -126,7 +127,7 @@ def run_changes(
     cluster_ip = service["spec"]["clusterIP"]
     eventually(
         lambda: cluster_ip in sh(namespace, CLIENT, f"nslookup {dns_name}").stdout,
-        60,
+        DNS_PROPAGATION_S,
         "the client to resolve the name to the gateway",
     )
     run = ChangesRun(client_ip, [])

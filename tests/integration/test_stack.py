@@ -22,6 +22,7 @@ import yaml
 
 from egressctl.devstack.procs import wait_for
 from egressctl.devstack.stack import dns_query
+from tests.integration.helpers import DNS_PROPAGATION_S
 
 pytestmark = pytest.mark.cluster
 
@@ -204,7 +205,9 @@ def test_corefile_configmap_change_reaches_coredns(
         core.patch_namespaced_config_map("coredns", "kube-system", {"data": {"Corefile": corefile}})
         _nudge_coredns(k8s)
         _eventually(
-            "CoreDNS to drop the probe again", lambda: not _resolve(dev_stack.coredns_addr, probe)
+            "CoreDNS to drop the probe again",
+            lambda: not _resolve(dev_stack.coredns_addr, probe),
+            DNS_PROPAGATION_S,
         )
 
     core.patch_namespaced_config_map("coredns", "kube-system", {"data": {"Corefile": changed}})
@@ -214,6 +217,7 @@ def test_corefile_configmap_change_reaches_coredns(
     _eventually(
         "the Corefile change to reach CoreDNS",
         lambda: _resolve(dev_stack.coredns_addr, probe) == ["203.0.113.77"],
+        DNS_PROPAGATION_S,
     )
     print(f"Corefile change answered after {time.monotonic() - t0:.1f}s")
 
@@ -254,6 +258,7 @@ def test_imported_configmap_rewrite_reaches_coredns(
     _eventually(
         f"CoreDNS to rewrite {external} to the Service",
         lambda: _resolve(dev_stack.coredns_addr, external) == [ip],
+        DNS_PROPAGATION_S,
     )
     from dnslib import DNSRecord
 

@@ -71,7 +71,7 @@ def test_the_coredns_nudge_is_on_unless_switched_off() -> None:
 
 
 def test_the_delete_grace_covers_dns_with_and_without_the_nudge() -> None:
-    assert Settings.from_env({}).delete_grace_s == 60
+    assert Settings.from_env({}).delete_grace_s == 120
     assert Settings.from_env({"NUDGE_COREDNS_PODS": "false"}).delete_grace_s == 180
     explicit = {"NUDGE_COREDNS_PODS": "false", "DELETE_GRACE_SECONDS": "30"}
     assert Settings.from_env(explicit).delete_grace_s == 30
