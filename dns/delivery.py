@@ -38,7 +38,6 @@ class DnsVerdicts:
     rendered: Rendered
     corefile_problem: str = ""
     corefile_added: str = ""
-    corefile_version: str = ""
 
     def refusal(self, name: str) -> tuple[str, str] | None:
         """(reason, message) for a gateway whose hijack state is true but whose name is not."""
@@ -55,6 +54,7 @@ class DnsVerdicts:
 
 @dataclass
 class DnsReport(DnsVerdicts):
+    corefile_version: str = ""  # resourceVersion of our Corefile write, if we made one
     written: bool = False
     drift: list[str] = field(default_factory=list)
     nudged: list[str] = field(default_factory=list)

@@ -36,9 +36,9 @@ REASON_CAPACITY = "DnsCapacityExceeded"
 _RULE = re.compile(r"^rewrite stop name exact (\S+) (\S+)$")
 
 
-@dataclass(frozen=True, slots=True, order=True)
+@dataclass(frozen=True, slots=True)
 class Claim:
-    """One gateway asking for its dnsName to be hijacked. Orders oldest first."""
+    """One gateway asking for its dnsName to be hijacked (``_age`` orders them oldest first)."""
 
     # When this gateway started to hold this name (hijack state turned true with this dnsName;
     # RFC 3339, sorts as text). Editing dnsName or hijackDns starts a new, younger claim.

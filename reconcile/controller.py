@@ -211,7 +211,9 @@ class Reconciler:
                 f"{kinds} named {name!r} in namespace {self.settings.gateway_namespace} "
                 "exist(s) without our labels; refusing to take them over"
             )
-            self._write_status(es_obj, self._conflict_status(es_obj, message))
+            self._write_status(
+                es_obj, self._not_ready_status(es_obj, "NameConflict", message, dns_too=True)
+            )
             return Result(name, Outcome.CONFLICT, message=message)
         return self._converge(es, es_obj, obs, dns_verdicts)
 
@@ -489,26 +491,23 @@ class Reconciler:
         Whatever already runs is left as it is."""
         reason = {403: "Forbidden", 409: "Conflict", 422: "Invalid"}.get(exc.status or 0, "Error")
         message = f"the API server refused the gateway's {kind}: {exc}"[:MAX_MESSAGE]
-        status = {
-            **(es_obj.get("status") or {}),
-            "observedGeneration": _generation(es_obj),
-            "conditions": self._conditions(
-                es_obj,
-                [
-                    ("Valid", "True", "Valid", "spec is valid"),
-                    ("Ready", "False", f"{kind}{reason}", message),
-                    *[
-                        (cd["type"], cd["status"], cd["reason"], cd["message"])
-                        for cd in (es_obj.get("status") or {}).get("conditions") or []
-                        if cd.get("type") == "DnsHijacked"
-                    ],
-                ],
-            ),
-        }
+        status = self._not_ready_status(es_obj, f"{kind}{reason}", message, dns_too=False)
         with contextlib.suppress(ReconcileError):  # the refusal is what the caller reports
             self._write_status(es_obj, status)
 
-    def _conflict_status(self, es_obj: Obj, message: str) -> Obj:
+    def _not_ready_status(self, es_obj: Obj, reason: str, message: str, *, dns_too: bool) -> Obj:
+        """Valid spec, but the gateway cannot converge: Ready=False saying why, and DnsHijacked
+        either the same (``dns_too``) or left as it was."""
+        kept = (es_obj.get("status") or {}).get("conditions") or []
+        dns = (
+            [("DnsHijacked", "False", reason, message)]
+            if dns_too
+            else [
+                (cd["type"], cd["status"], cd["reason"], cd["message"])
+                for cd in kept
+                if cd.get("type") == "DnsHijacked"
+            ]
+        )
         return {
             **(es_obj.get("status") or {}),
             "observedGeneration": _generation(es_obj),
@@ -516,8 +515,8 @@ class Reconciler:
                 es_obj,
                 [
                     ("Valid", "True", "Valid", "spec is valid"),
-                    ("Ready", "False", "NameConflict", message),
-                    ("DnsHijacked", "False", "NameConflict", message),
+                    ("Ready", "False", reason, message),
+                    *dns,
                 ],
             ),
         }

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from reconcile import constants as c
-from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, Resource
+from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, GATEWAY_KINDS, POD, Kube
 from reconcile.settings import Settings
 
 T = TypeVar("T")
@@ -23,7 +23,6 @@ GATEWAY_NS = "egress-operator-system"
 # holds the write; the rule then waits for the kubelet's periodic sync (60 s + jitter). Seen once
 # in a full run: the deadline covers it rather than fail on it.
 DNS_PROPAGATION_S = 150
-POD = Resource("v1", "Pod", "pods")
 
 
 def eventually(
