@@ -5,16 +5,29 @@ cluster's CoreDNS mounts and imports. Each sync re-renders from the *full* live 
 with a resourceVersion precondition, reading the ConfigMap *before* listing the Services: any
 write that lands between our read and our write makes ours fail with 409, and we start over
 from fresh state. So concurrent reconciles never lose each other's rules.
+
+CoreDNS's ``reload`` can miss the last of two quick changes for good: when it restarts for a
+changed Corefile it parses the imported files once to start the new configuration and once
+more to record the checksum it compares against from then on, so a file that changes between
+those two reads is recorded as loaded but never served (coredns/caddy ``Restart``; reproduced in
+tests/integration/test_corefile_coredns.py). Nothing changes afterwards, so it never heals on
+its own. Therefore every burst of rule writes ends with a *settle*: the first sync that finds
+the rules unchanged for ``SETTLE_AFTER_S`` adds a marker key (dns.render.SETTLE_KEY), one more
+change of what CoreDNS imports, made when nothing else is changing. The next rules write drops
+the marker again. The sweep runs a sync on its schedule, so DNS converges within a sweep
+interval even when no ExternalService changes.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from dns import corefile
-from dns.render import Claim, Rendered, render
+from dns.render import SETTLE_KEY, Claim, Rendered, render, rules_only, settled
 from reconcile import constants as c
 from reconcile.errors import PermanentError, ReconcileError, TransientError
 from reconcile.hijack import HijackState
@@ -22,6 +35,9 @@ from reconcile.kube import CONFIGMAP, ENDPOINT_SLICE, POD, SERVICE, Kube, Obj
 from reconcile.settings import Settings
 
 MAX_ATTEMPTS = 8
+# Longer than a nudged delivery (about a second) plus CoreDNS's `reload 2s` and its jitter, so
+# the settle lands after CoreDNS has reloaded for the last rules write.
+SETTLE_AFTER_S = 10.0
 # A nudge is a courtesy: a pod that cannot be nudged at once still refreshes on its own sync.
 NUDGE_FINAL_STATUSES = frozenset({400, 403, 404, 409, 422})
 
@@ -56,6 +72,7 @@ class DnsVerdicts:
 class DnsReport(DnsVerdicts):
     corefile_version: str = ""  # resourceVersion of our Corefile write, if we made one
     written: bool = False
+    settled: bool = False  # this sync added the settle marker
     drift: list[str] = field(default_factory=list)
     nudged: list[str] = field(default_factory=list)
     nudge_problem: str = ""
@@ -64,6 +81,7 @@ class DnsReport(DnsVerdicts):
         return {
             "rules": len(self.rendered.rules),
             "written": self.written,
+            "settled": self.settled,
             "refused": {
                 k: {"reason": r, "message": m}
                 for k, (r, m) in sorted(self.rendered.refused.items())
@@ -94,9 +112,20 @@ def claims_from_services(services: list[Obj]) -> list[Claim]:
     return out
 
 
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 class DnsDelivery:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        clock: Callable[[], dt.datetime] = _utcnow,
+        settle_after_s: float = SETTLE_AFTER_S,
+    ) -> None:
         self.settings = settings
+        self.clock = clock
+        self.settle_after_s = settle_after_s
 
     def _services(self, kube: Kube) -> list[Obj]:
         items, _ = kube.list_all(
@@ -117,37 +146,49 @@ class DnsDelivery:
     def sync(self, kube: Kube) -> DnsReport:
         """Converge our DNS ConfigMap (and, if allowed, the Corefile import) to live state."""
         s = self.settings
+        path = CONFIGMAP.path(s.dns_configmap_namespace, s.dns_configmap_name)
         for _ in range(MAX_ATTEMPTS):
             live = kube.get(CONFIGMAP, s.dns_configmap_name, s.dns_configmap_namespace)
             rendered = self.preview(self._services(kube))
             report = DnsReport(rendered)
             live_data = (live or {}).get("data") or {}
-            if live is not None and live_data == rendered.data:
+            if live is not None and rules_only(live_data) == rendered.data:
                 self._check_corefile(kube, report, rendered)
-                if report.corefile_added:
-                    self._nudge(kube, report, report.corefile_version)
+                version = report.corefile_version
+                if SETTLE_KEY not in live_data and self._quiet(live):
+                    settle_version = _write(kube, "PUT", path, {**live, "data": settled(live_data)})
+                    if settle_version:  # else another writer got there first: a later sync settles
+                        report.settled = True
+                        version = settle_version
+                if version:
+                    self._nudge(kube, report, version)
                 return report
             if live is not None:
-                report.drift.append(_describe_drift(live_data, rendered.data))
-            body: dict[str, Any] = {
+                report.drift.append(_describe_drift(rules_only(live_data), rendered.data))
+            body: Obj = {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
                 "metadata": {
                     "name": s.dns_configmap_name,
                     "namespace": s.dns_configmap_namespace,
                     "labels": {c.LABEL_APP: c.APP_VALUE},
+                    "annotations": {c.ANNOTATION_DNS_RULES_WRITTEN_AT: self._now()},
                 },
                 "data": rendered.data,
             }
             if live is None:
                 version = _write(kube, "POST", CONFIGMAP.path(s.dns_configmap_namespace), body)
             else:
-                body["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"]
+                meta = live["metadata"]
+                body["metadata"]["resourceVersion"] = meta["resourceVersion"]
                 body["metadata"]["labels"] = {
-                    **(live["metadata"].get("labels") or {}),
+                    **(meta.get("labels") or {}),
                     c.LABEL_APP: c.APP_VALUE,
                 }
-                path = CONFIGMAP.path(s.dns_configmap_namespace, s.dns_configmap_name)
+                body["metadata"]["annotations"] = {
+                    **(meta.get("annotations") or {}),
+                    c.ANNOTATION_DNS_RULES_WRITTEN_AT: self._now(),
+                }
                 version = _write(kube, "PUT", path, body)
             if not version:
                 continue  # someone wrote in between: start over from fresh state
@@ -156,6 +197,20 @@ class DnsDelivery:
             self._nudge(kube, report, version)
             return report
         raise TransientError(f"DNS ConfigMap kept changing under us ({MAX_ATTEMPTS} attempts)")
+
+    def _now(self) -> str:
+        return self.clock().astimezone(dt.UTC).isoformat(timespec="microseconds")
+
+    def _quiet(self, live: Obj) -> bool:
+        """Whether the rules have not changed for settle_after_s (true when we cannot tell)."""
+        annotations = live["metadata"].get("annotations") or {}
+        try:
+            written = dt.datetime.fromisoformat(annotations[c.ANNOTATION_DNS_RULES_WRITTEN_AT])
+        except (KeyError, TypeError, ValueError):
+            return True
+        if written.tzinfo is None:
+            return True
+        return (self.clock() - written).total_seconds() >= self.settle_after_s
 
     def _check_corefile(self, kube: Kube, report: DnsReport, rendered: Rendered) -> None:
         if not rendered.rules and not self.settings.manage_coredns_import:

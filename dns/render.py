@@ -29,6 +29,17 @@ KEY_SUFFIX = ".override"
 MAX_CONFIGMAP_BYTES = 900 * 1024
 MAX_KEY_BYTES = 128 * 1024
 
+# The settle marker: a key of its own holding one rule for a name that can never be asked for
+# (RFC 6761 reserves .invalid). Every rules write leaves it out and a later quiet sync adds it,
+# so each burst of writes ends with one more change of what CoreDNS imports; see
+# dns.delivery for the CoreDNS race this closes.
+SETTLE_KEY = f"{KEY_PREFIX}settled{KEY_SUFFIX}"
+SETTLE_NAME = "settled.egress-gateways.invalid"
+SETTLE_TEXT = (
+    "# Managed by egress-gateways: makes CoreDNS reload once the rules are quiet. Do not edit.\n"
+    f"rewrite stop name exact {SETTLE_NAME} {SETTLE_NAME}\n"
+)
+
 REASON_DUPLICATE = "DuplicateDnsName"
 REASON_FORBIDDEN = "ForbiddenDnsName"
 REASON_CAPACITY = "DnsCapacityExceeded"
@@ -206,6 +217,16 @@ def shard(rules: list[Rule]) -> dict[str, str]:
     if rules:
         data[f"{KEY_PREFIX}{index:03d}{KEY_SUFFIX}"] = current
     return data
+
+
+def settled(data: dict[str, str]) -> dict[str, str]:
+    """The rules with the settle marker added."""
+    return {**data, SETTLE_KEY: SETTLE_TEXT}
+
+
+def rules_only(data: dict[str, str]) -> dict[str, str]:
+    """The rules without the settle marker."""
+    return {key: text for key, text in data.items() if key != SETTLE_KEY}
 
 
 def validate(data: dict[str, str], namespace: str, cluster_domain: str) -> None:

@@ -13,4 +13,4 @@ from reconcile.settings import Settings
 
 
 def build_reconciler(kube: Kube, settings: Settings, *, clock: Clock = utcnow) -> Reconciler:
-    return Reconciler(kube, settings, clock=clock, dns=DnsDelivery(settings))
+    return Reconciler(kube, settings, clock=clock, dns=DnsDelivery(settings, clock=clock))

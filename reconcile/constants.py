@@ -26,8 +26,8 @@ ANNOTATION_DNS_NAME = f"{GROUP}/dns-name"
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
 ANNOTATION_ADMIN_PORT = f"{GROUP}/admin-port"
 ANNOTATION_TOPOLOGY_MODE = "service.kubernetes.io/topology-mode"
-# On the gateway Service: creationTimestamp of its ExternalService; the oldest claim on a
-# dnsName wins the DNS hijack.
+# On the gateway Service: when it started to hold its dnsName (microseconds, RFC 3339); the
+# oldest claim on a dnsName wins the DNS hijack.
 ANNOTATION_CLAIMED_AT = f"{GROUP}/dns-claimed-at"
 # Hash of the object as we last applied it; see reconcile.drift.
 ANNOTATION_APPLIED_HASH = f"{GROUP}/applied-hash"
@@ -38,6 +38,9 @@ ANNOTATION_DELETE_AFTER = f"{GROUP}/delete-after"
 # kubelet sync the pod, and so refresh its ConfigMap volumes, at once instead of within its
 # sync period (about a minute). infra/rbac confines the reconciler to this one annotation.
 ANNOTATION_DNS_RULES_VERSION = f"{GROUP}/dns-rules-version"
+# On our rules ConfigMap: when its rules last changed (RFC 3339); a sync once it has been quiet
+# for dns.delivery.SETTLE_AFTER_S adds the settle marker.
+ANNOTATION_DNS_RULES_WRITTEN_AT = f"{GROUP}/dns-rules-written-at"
 # EndpointSlices name the Service they belong to with this label (set by Kubernetes).
 LABEL_SERVICE_NAME = "kubernetes.io/service-name"
 

@@ -24,10 +24,10 @@ from reconcile import constants as c
 from reconcile.controller import Outcome, Reconciler, Result
 from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, POD, SERVICE, Kube
 from tests.integration.helpers import (
-    DNS_PROPAGATION_S,
     GATEWAY_NS,
     ContinuousClient,
     Sample,
+    await_dns,
     boot_clock,
     create_es,
     eventually,
@@ -125,9 +125,9 @@ def run_changes(
     service = admin.get(SERVICE, name, GATEWAY_NS)
     assert service is not None
     cluster_ip = service["spec"]["clusterIP"]
-    eventually(
+    await_dns(
         lambda: cluster_ip in sh(namespace, CLIENT, f"nslookup {dns_name}").stdout,
-        DNS_PROPAGATION_S,
+        admin,
         "the client to resolve the name to the gateway",
     )
     run = ChangesRun(client_ip, [])

@@ -23,19 +23,31 @@ GATEWAY_NS = "egress-operator-system"
 # holds the write; the rule then waits for the kubelet's periodic sync (60 s + jitter). Seen once
 # in a full run: the deadline covers it rather than fail on it.
 DNS_PROPAGATION_S = 150
+# How often await_dns runs the DNS sync that the scheduled sweep runs in production.
+SWEEP_EVERY_S = 5.0
 
 
 def eventually(
-    check: Callable[[], T | None], timeout_s: float = 30.0, what: str = "condition"
+    check: Callable[[], T | None],
+    timeout_s: float = 30.0,
+    what: str = "condition",
+    between: Callable[[], object] | None = None,
+    between_every_s: float = SWEEP_EVERY_S,
 ) -> T:
-    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline."""
+    """Poll ``check`` until it returns something truthy; fail with ``what`` at the deadline.
+
+    ``between``, if given, runs every ``between_every_s`` while waiting (a scheduled job)."""
     deadline = time.monotonic() + timeout_s
     delay = 0.05
     last: T | None = None
+    next_run = time.monotonic() + between_every_s
     while True:
         last = check()
         if last:
             return last
+        if between is not None and time.monotonic() >= next_run:
+            between()
+            next_run = time.monotonic() + between_every_s
         if time.monotonic() > deadline:
             raise AssertionError(
                 f"timed out after {timeout_s}s waiting for {what} (last: {last!r})"
@@ -89,6 +101,18 @@ def dev_settings(**overrides: Any) -> Settings:
     pulled there), everything else the product's defaults unless overridden."""
     overrides.setdefault("envoy_image", os.environ["ENVOY_IMAGE"])
     return Settings(**overrides)
+
+
+def await_dns(
+    check: Callable[[], T | None], admin: Kube, what: str, timeout_s: float = DNS_PROPAGATION_S
+) -> T:
+    """Wait for a DNS answer as production gets it: while polling, run every few seconds the DNS
+    sync that the scheduled sweep runs, which settles the rules once they are quiet (CoreDNS can
+    miss the last of two quick changes; see dns.delivery)."""
+    from dns.delivery import DnsDelivery
+
+    delivery = DnsDelivery(dev_settings())
+    return eventually(check, timeout_s, what, between=lambda: delivery.sync(admin))
 
 
 def gateway_pods(admin: Kube, name: str) -> list[dict[str, Any]]:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import random
 import re
 import selectors
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ import pytest
 from dnslib import QTYPE, DNSRecord
 
 from dns.corefile import ensure_import
+from dns.render import KEY_SUFFIX, Rule, settled, shard, target_name
 from reconcile.kube import SERVICE, Kube
 from tests.conftest import DevStack
 from tests.unit.test_corefile import CASES, LEFT_OPEN, REFUSED, sample_corefile
@@ -193,3 +196,104 @@ def test_a_block_left_open_loads_but_takes_no_line_after_it(
         serving(coredns, appended, dev_stack.kubeconfig, tmp_path),
     ):
         pass
+
+
+def test_a_change_during_a_reload_is_missed_until_the_rules_settle(
+    coredns: Path, tmp_path: Path
+) -> None:
+    """The race dns.delivery settles. On a changed Corefile CoreDNS parses the imports to start
+    the new configuration, then, once its plugins have started, once more to record the
+    checksum that later checks compare with: rules that change in between are recorded but never
+    served, and nothing heals it. The settle marker (one more change once the rules are quiet)
+    does. A ``kubernetes`` plugin with no API to reach holds the window open for its
+    ``startup_timeout``; its "waiting" line says the first parse is done."""
+    namespace = "egress-operator-system"
+    targets = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
+    name = "stale.example.com"
+
+    def deliver(data: dict[str, str]) -> None:
+        """Write the keys as the kubelet does: whole files, atomically, the rest removed."""
+        for old in rules_dir.glob(f"*{KEY_SUFFIX}"):
+            if old.name not in data:
+                old.unlink()
+        for key, text in data.items():
+            staged = rules_dir / f".{key}"
+            staged.write_text(text, encoding="utf-8")
+            staged.replace(rules_dir / key)
+
+    def rules(target: str) -> dict[str, str]:
+        return shard([Rule(name, target_name(target, namespace, DOMAIN))])
+
+    rules_dir = tmp_path / "rules"
+    rules_dir.mkdir()
+    deliver(rules("a"))
+    hosts = "".join(
+        f"        {ip} {target_name(t, namespace, DOMAIN)}\n" for t, ip in targets.items()
+    )
+    conf = tmp_path / "Corefile"
+    conf.write_text(
+        ".:{$DNS_PORT} {\n    bind 127.0.0.1\n"
+        f"    import {rules_dir}/*{KEY_SUFFIX}\n"
+        f"    hosts {{\n{hosts}    }}\n"
+        f"    kubernetes unused.test {{\n        endpoint http://127.0.0.1:{_free_port()}\n"
+        "        startup_timeout 3s\n    }\n"
+        "    reload 2s\n}\n",
+        encoding="utf-8",
+    )
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(coredns), "-conf", str(conf)],
+        cwd=tmp_path,
+        env={"PATH": os.environ.get("PATH", ""), "DNS_PORT": str(port)},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+
+    def follow() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line)
+
+    def await_line(pattern: str, timeout_s: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            with contextlib.suppress(queue.Empty):
+                line = lines.get(timeout=left)
+                if re.search(pattern, line):
+                    return line
+        raise AssertionError(f"CoreDNS printed no line matching {pattern!r} in {timeout_s}s")
+
+    def answer() -> list[str]:
+        reply = DNSRecord.parse(DNSRecord.question(name, "A").send("127.0.0.1", port, timeout=3))
+        return [str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A]
+
+    def served(target: str, timeout_s: float = 15.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while answer() != [targets[target]]:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    threading.Thread(target=follow, daemon=True).start()
+    try:
+        await_line(r"^CoreDNS-")
+        assert answer() == [targets["a"]]
+        deliver(rules("b"))
+        await_line(r"\[INFO\] Reloading$")
+        await_line(r"waiting for Kubernetes API")  # b is parsed and starting
+        deliver(rules("c"))  # lands before the checksum is taken
+        await_line(r"Reloading complete")
+        assert served("b")
+        # c is on disk, recorded as loaded, and not served: checks for three reload intervals
+        # change nothing.
+        assert not served("c", timeout_s=6.0), "CoreDNS healed without a change"
+        # What the kubelet delivers after a settle: the same rules and the marker key.
+        deliver(settled(rules("c")))
+        assert served("c", timeout_s=20.0), "the settle did not bring the rules"
+    finally:
+        proc.kill()
+        proc.wait()

@@ -24,8 +24,8 @@ from reconcile.controller import Reconciler
 from reconcile.kube import CONFIGMAP, SERVICE, Kube
 from tests.conftest import DevStack
 from tests.integration.helpers import (
-    DNS_PROPAGATION_S,
     GATEWAY_NS,
+    await_dns,
     create_es,
     dev_settings,
     eventually,
@@ -152,15 +152,16 @@ def resolves_to_gateway(pod: dict[str, Any], gw: Gateway) -> bool:
 
 
 def test_granted_pod_reaches_the_upstream_by_name_through_its_gateway(
-    dev_stack: DevStack, gateways: tuple[Gateway, Gateway], clients: dict[str, dict[str, Any]]
+    admin: Kube,
+    dev_stack: DevStack,
+    gateways: tuple[Gateway, Gateway],
+    clients: dict[str, dict[str, Any]],
 ) -> None:
     a, _ = gateways
     env = dev_stack.env
     for name in ("granted", "granted-old-label"):
         pod = clients[name]
-        eventually(
-            lambda pod=pod: resolves_to_gateway(pod, a), DNS_PROPAGATION_S, "the hijacked name"
-        )
+        await_dns(lambda pod=pod: resolves_to_gateway(pod, a), admin, "the hijacked name")
         reply = tcp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_TCP_PORT"])
         assert peer(reply) in a.pod_ips, f"{name}: TCP not through the gateway: {reply!r}"
         reply = udp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_UDP_PORT"])
@@ -168,16 +169,17 @@ def test_granted_pod_reaches_the_upstream_by_name_through_its_gateway(
 
 
 def test_nothing_else_gets_through(
-    dev_stack: DevStack, gateways: tuple[Gateway, Gateway], clients: dict[str, dict[str, Any]]
+    admin: Kube,
+    dev_stack: DevStack,
+    gateways: tuple[Gateway, Gateway],
+    clients: dict[str, dict[str, Any]],
 ) -> None:
     a, b = gateways
     env = dev_stack.env
     tcp_port, udp_port = env["EGRESS_DEV_UPSTREAM_TCP_PORT"], env["EGRESS_DEV_UPSTREAM_UDP_PORT"]
     granted, stranger = clients["granted"], clients["stranger"]
-    eventually(lambda: resolves_to_gateway(stranger, a), DNS_PROPAGATION_S, "the hijacked name")
-    eventually(
-        lambda: resolves_to_gateway(granted, b), DNS_PROPAGATION_S, "the second hijacked name"
-    )
+    await_dns(lambda: resolves_to_gateway(stranger, a), admin, "the hijacked name")
+    await_dns(lambda: resolves_to_gateway(granted, b), admin, "the second hijacked name")
     # No grant: the gateway's NetworkPolicy refuses, by name or by ClusterIP.
     assert "upstream" not in tcp(stranger, a.dns_name, tcp_port)
     assert "upstream" not in tcp(stranger, a.cluster_ip, tcp_port)
@@ -238,7 +240,7 @@ def test_client_sees_the_real_address_until_ready_then_the_gateway_for_good(
                 assert env["EGRESS_DEV_UPSTREAM_IP"] in out and cluster_ip not in out, out
         set_pods_ready(admin, name, True)
         assert reconciler.reconcile(name).hijack_state == "true"
-        eventually(lambda: cluster_ip in answer(), DNS_PROPAGATION_S, "the gateway's ClusterIP")
+        await_dns(lambda: cluster_ip in answer(), admin, "the gateway's ClusterIP")
         # A blip: the pod turns unready, the reconciler runs, the answer stays the gateway.
         set_pods_ready(admin, name, False)
         assert reconciler.reconcile(name).hijack_state == "true"

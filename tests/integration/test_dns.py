@@ -18,11 +18,10 @@ from reconcile.kube import CONFIGMAP, EXTERNAL_SERVICE, SERVICE, Kube, api_clien
 from reconcile.settings import Settings
 from tests.conftest import DevStack
 from tests.integration.helpers import (
-    DNS_PROPAGATION_S,
     GATEWAY_NS,
+    await_dns,
     create_es,
     dev_settings,
-    eventually,
     external_service,
     purge,
     set_pods_ready,
@@ -31,9 +30,6 @@ from tests.integration.helpers import (
 pytestmark = pytest.mark.cluster
 
 DNS_CM = "egress-gateway-dns"
-# Propagation on the dev node: the nudged kubelet (~1 s) + CoreDNS reload (2 s); see
-# DNS_PROPAGATION_S for why the deadline is longer. That each write nudges is proved on its own.
-DNS_DEADLINE_S = DNS_PROPAGATION_S
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +94,9 @@ def test_hijacked_name_answers_the_gateway_and_keeps_its_name(
     service = admin.get(SERVICE, f"gw-{unique}", GATEWAY_NS)
     assert service is not None
     ip = service["spec"]["clusterIP"]
-    eventually(
+    await_dns(
         lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)],
-        DNS_DEADLINE_S,
+        admin,
         f"{dns_name} -> {ip}",
     )
     aaaa = query(dev_stack, dns_name, "AAAA")
@@ -141,6 +137,65 @@ def test_each_dns_write_nudges_the_coredns_pods_with_its_version(
     assert versions() == {cm["metadata"]["resourceVersion"]}
 
 
+def test_quiet_rules_are_settled_once_and_the_next_write_drops_the_marker(
+    admin: Kube,
+    as_reconciler: Kube,
+    settings: Settings,
+    dev_stack: DevStack,
+    names: list[str],
+    unique: str,
+) -> None:
+    """A sync within SETTLE_AFTER_S of the last rules write leaves the rules alone; the first one
+    after it adds the marker key once and nudges CoreDNS, which keeps answering; the next rules
+    write drops the marker, so the next quiet sync settles again."""
+    import datetime as dt
+
+    from dns.delivery import SETTLE_AFTER_S
+    from dns.render import SETTLE_KEY, SETTLE_TEXT
+    from reconcile.constants import ANNOTATION_DNS_RULES_VERSION as KEY
+    from reconcile.controller import utcnow
+    from reconcile.kube import POD
+
+    later = [0.0]
+    rec = build_reconciler(
+        as_reconciler, settings, clock=lambda: utcnow() + dt.timedelta(seconds=later[0])
+    )
+    assert rec.dns is not None
+    dns_name = f"stl-{unique}.example.com"
+    ip = hijacked_gateway(admin, rec, names, f"stl-{unique}", dns_name)
+    written = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert written is not None and SETTLE_KEY not in written["data"]
+
+    later[0] = SETTLE_AFTER_S - 3
+    early = rec.dns.sync(as_reconciler)
+    assert not early.settled and not early.written
+    live = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert (
+        live is not None
+        and live["metadata"]["resourceVersion"] == (written["metadata"]["resourceVersion"])
+    )
+
+    later[0] = SETTLE_AFTER_S + 1
+    quiet = rec.dns.sync(as_reconciler)
+    assert quiet.settled and not quiet.written
+    marked = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert marked is not None
+    assert marked["data"] == {**written["data"], SETTLE_KEY: SETTLE_TEXT}
+    pods, _ = admin.list_all(POD, "kube-system", label_selector="k8s-app=kube-dns")
+    assert {p["metadata"]["annotations"][KEY] for p in pods} == {
+        marked["metadata"]["resourceVersion"]
+    }, "the settle is nudged like any write"
+    again = rec.dns.sync(as_reconciler)
+    assert not again.settled and not again.written, "settled once"
+    await_dns(lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)], admin, "answers, settled")
+
+    other = f"stl2-{unique}"
+    hijacked_gateway(admin, rec, names, other, f"{other}.example.com")
+    rewritten = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+    assert rewritten is not None and SETTLE_KEY not in rewritten["data"]
+    assert any(f"{other}.example.com" in text for text in rewritten["data"].values())
+
+
 def test_names_we_do_not_manage_are_forwarded_untouched(dev_stack: DevStack) -> None:
     assert a_records(dev_stack, "api.example.com") == [("api.example.com", "192.0.2.10")]
     reply = query(dev_stack, "kubernetes.default.svc.cluster.local")
@@ -152,17 +207,13 @@ def test_delete_removes_the_rewrite(
 ) -> None:
     dns_name = f"del-{unique}.example.com"
     ip = hijacked_gateway(admin, reconciler, names, f"del-{unique}", dns_name)
-    eventually(
-        lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)], DNS_DEADLINE_S, "the rewrite"
-    )
+    await_dns(lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)], admin, "the rewrite")
     admin.delete(EXTERNAL_SERVICE, f"del-{unique}")
     first = reconciler.reconcile(f"del-{unique}")
     assert first.outcome in (Outcome.DELETING, Outcome.DELETED)
     cm = admin.get(CONFIGMAP, DNS_CM, "kube-system")
     assert dns_name not in str((cm or {}).get("data")), "the rule goes first"
-    eventually(
-        lambda: a_records(dev_stack, dns_name) == [], DNS_DEADLINE_S, "the rewrite to disappear"
-    )
+    await_dns(lambda: a_records(dev_stack, dns_name) == [], admin, "the rewrite to disappear")
 
 
 def test_cluster_internal_name_is_refused_with_a_condition(
@@ -194,9 +245,9 @@ def test_an_older_object_editing_its_name_cannot_steal_a_served_name(
     victim_name = f"victim-{unique}.example.com"
     hijacked_gateway(admin, reconciler, names, f"old-{unique}", f"old-{unique}.example.com")
     victim_ip = hijacked_gateway(admin, reconciler, names, f"victim-{unique}", victim_name)
-    eventually(
+    await_dns(
         lambda: a_records(dev_stack, victim_name) == [(victim_name, victim_ip)],
-        DNS_DEADLINE_S,
+        admin,
         "the victim's rule",
     )
     update_spec(admin, f"old-{unique}", {"dnsName": victim_name})
@@ -225,9 +276,9 @@ def test_duplicate_claim_goes_to_the_older_and_the_newer_is_told_why(
     cond = next(cd for cd in es["status"]["conditions"] if cd["type"] == "DnsHijacked")
     assert (cond["status"], cond["reason"]) == ("False", "DuplicateDnsName")
     assert f"first-{unique}" in cond["message"]
-    eventually(
+    await_dns(
         lambda: a_records(dev_stack, dns_name) == [(dns_name, first_ip)],
-        DNS_DEADLINE_S,
+        admin,
         "oldest wins",
     )
 
@@ -311,9 +362,7 @@ def test_removed_import_line_is_reported_and_restored_when_allowed(
     assert import_line in original
     stripped = original.replace(f"    {import_line}\n", "")
     admin.merge_patch(CONFIGMAP, "coredns", {"data": {"Corefile": stripped}}, "kube-system")
-    eventually(
-        lambda: a_records(dev_stack, dns_name) == [], DNS_DEADLINE_S, "CoreDNS to drop the import"
-    )
+    await_dns(lambda: a_records(dev_stack, dns_name) == [], admin, "CoreDNS to drop the import")
 
     report = reconciler.sweep()
     assert report.dns is not None
@@ -334,9 +383,9 @@ def test_removed_import_line_is_reported_and_restored_when_allowed(
     assert live is not None
     assert live["data"]["Corefile"].count(import_line) == 1
     assert live["data"]["Corefile"].replace(f"    {import_line}\n", "") == stripped
-    eventually(
+    await_dns(
         lambda: a_records(dev_stack, dns_name) == [(dns_name, ip)],
-        DNS_DEADLINE_S,
+        admin,
         "rules to come back",
     )
     again = managing.sweep()

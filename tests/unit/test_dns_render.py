@@ -10,9 +10,14 @@ from dns.render import (
     MAX_KEY_BYTES,
     REASON_DUPLICATE,
     REASON_FORBIDDEN,
+    SETTLE_KEY,
+    SETTLE_NAME,
+    SETTLE_TEXT,
     Claim,
     InvalidSnippet,
     render,
+    rules_only,
+    settled,
     validate,
 )
 
@@ -183,3 +188,15 @@ def test_names_compare_without_case_or_the_root_dot() -> None:
 def test_validation_refuses_anything_but_our_rules(text: str) -> None:
     with pytest.raises(InvalidSnippet):
         validate({f"{KEY_PREFIX}000.override": text}, NS, DOMAIN)
+
+
+def test_the_settle_marker_is_its_own_imported_key_for_a_name_nobody_can_ask() -> None:
+    data = render([claim("github", "github.com")], NS, DOMAIN).data
+    assert SETTLE_KEY not in data, "a rules write never carries the marker"
+    marked = settled(data)
+    assert set(marked) == set(data) | {SETTLE_KEY}
+    assert rules_only(marked) == data and rules_only(data) == data
+    assert SETTLE_KEY.startswith(KEY_PREFIX) and SETTLE_KEY.endswith(".override"), "imported"
+    assert SETTLE_NAME.endswith(".invalid"), "RFC 6761: never resolves anywhere"
+    rules = [line for line in SETTLE_TEXT.splitlines() if not line.startswith("#")]
+    assert rules == [f"rewrite stop name exact {SETTLE_NAME} {SETTLE_NAME}"]
