@@ -15,6 +15,7 @@ from collections.abc import Sequence
 COMMAND_MODULES: tuple[str, ...] = (
     "egressctl.render_cmds",
     "egressctl.ops_cmds",
+    "egressctl.access_cmds",
     "egressctl.devstack",
     "egressctl.run_cmds",
 )

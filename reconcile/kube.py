@@ -36,8 +36,12 @@ class Resource:
     namespaced: bool = True
 
     def path(self, namespace: str | None = None, name: str | None = None) -> str:
+        """The object's path, or its collection's; a namespaced collection without a namespace
+        is the collection across all namespaces (a cluster-wide LIST)."""
         base = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
-        if self.namespaced:
+        if self.namespaced and namespace is None and name:
+            raise ValueError(f"{self.kind} {name!r}: a namespaced object needs its namespace")
+        if self.namespaced and namespace is not None:
             base += f"/namespaces/{namespace}"
         base += f"/{self.plural}"
         return f"{base}/{name}" if name else base
@@ -52,6 +56,10 @@ NETWORK_POLICY = Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolic
 PDB = Resource("policy/v1", "PodDisruptionBudget", "poddisruptionbudgets")
 POD = Resource("v1", "Pod", "pods")
 ENDPOINT_SLICE = Resource("discovery.k8s.io/v1", "EndpointSlice", "endpointslices")
+# Read only by the access audit (access/), across all namespaces.
+NAMESPACE = Resource("v1", "Namespace", "namespaces", namespaced=False)
+REPLICA_SET = Resource("apps/v1", "ReplicaSet", "replicasets")
+JOB = Resource("batch/v1", "Job", "jobs")
 
 GATEWAY_KINDS: tuple[Resource, ...] = (CONFIGMAP, NETWORK_POLICY, SERVICE, DEPLOYMENT, HPA, PDB)
 BY_KIND: dict[str, Resource] = {r.kind: r for r in (EXTERNAL_SERVICE, *GATEWAY_KINDS)}

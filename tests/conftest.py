@@ -84,7 +84,14 @@ def _dev_up_teed() -> tuple[int, str]:
 def dev_stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
     """The running stack (reused if healthy, else started for this session)."""
     from egressctl.devstack.procs import DevStackError
-    from egressctl.devstack.stack import Layout, apply_infra, env_values, healthy, load_state
+    from egressctl.devstack.stack import (
+        Layout,
+        apply_infra,
+        ensure_identities,
+        env_values,
+        healthy,
+        load_state,
+    )
 
     layout = Layout(REPO)
     state = load_state(layout)
@@ -92,7 +99,9 @@ def dev_stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
     if state is not None and healthy(layout, state):
         # A reused stack gets the working tree's CRD and RBAC (they may have changed since it
         # started), so RBAC tests check the manifests as they are now.
+        # Identities added since it started get their kubeconfigs from its CA.
         try:
+            ensure_identities(layout, state)
             apply_infra(layout)
         except DevStackError as exc:
             pytest.fail(f"applying infra/ to the running dev stack failed: {exc}", pytrace=False)

@@ -64,12 +64,25 @@ def _name(common_name: str, organizations: tuple[str, ...] = ()) -> Any:
 class CertificateAuthority:
     """A self-signed CA that issues serving and client certificates."""
 
+    @classmethod
+    def load(cls, directory: Path, name: str) -> CertificateAuthority:
+        """The CA a running stack made (``directory/name.crt`` and ``.key``), to issue more."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        ca = cls.__new__(cls)
+        ca.directory = directory
+        ca.pair = CertPair(directory / f"{name}.crt", directory / f"{name}.key")
+        ca._cert = x509.load_pem_x509_certificate(ca.pair.cert.read_bytes())
+        ca._key = serialization.load_pem_private_key(ca.pair.key.read_bytes(), password=None)
+        return ca
+
     def __init__(self, directory: Path, name: str) -> None:
         from cryptography import x509
         from cryptography.hazmat.primitives import hashes, serialization
 
-        self.directory = directory
-        self.pair = CertPair(directory / f"{name}.crt", directory / f"{name}.key")
+        self.directory: Path = directory
+        self.pair: CertPair = CertPair(directory / f"{name}.crt", directory / f"{name}.key")
         now = datetime.datetime.now(datetime.UTC)
         self._key = _new_key()
         subject = _name(f"egress-dev-{name}")

@@ -47,7 +47,10 @@ from egressctl.devstack.procs import (
 CLUSTER_DOMAIN = "cluster.local"
 PUBSUB_PROJECT_ID = "egress-dev"
 GATEWAY_NAMESPACE = "egress-operator-system"
-IDENTITIES = ("egress-reconciler", "egress-exporter")
+IDENTITIES = ("egress-reconciler", "egress-exporter", "egress-auditor")
+# Groups an identity's certificate carries (its subject's O): infra/rbac binds the read-only
+# access audit to the group egress-auditors, as a cluster would bind its people.
+IDENTITY_GROUPS: dict[str, tuple[str, ...]] = {"egress-auditor": ("egress-auditors",)}
 STATE_VERSION = 2
 PART_TIMEOUT = float(os.environ.get("EGRESS_DEV_PART_TIMEOUT", "120"))
 # The kubelet's periodic pod sync, which is also when it refreshes mounted ConfigMaps
@@ -501,6 +504,23 @@ def _kubeconfig(path: Path, server: str, ca: Path, cert: pki.CertPair, user: str
     path.chmod(0o600)
 
 
+def ensure_identities(layout: Layout, state: State) -> list[str]:
+    """Issue a kubeconfig for each identity a running stack lacks (one added to IDENTITIES
+    since it started), from the stack's own CA; rewrite the env file if any was. Returns the
+    identities issued. Idempotent and quick, so a reused stack gains new identities."""
+    missing = [i for i in IDENTITIES if not layout.identity_kubeconfig(i).is_file()]
+    if not missing:
+        return []
+    ca = pki.CertificateAuthority.load(layout.pki, "ca")
+    server = env_values(layout, state)["EGRESS_DEV_API_SERVER"]
+    for ident in missing:
+        cert = ca.issue(ident, ident, organizations=IDENTITY_GROUPS.get(ident, ()))
+        _kubeconfig(layout.identity_kubeconfig(ident), server, ca.pair.cert, cert, ident)
+    _write_env(layout, state)
+    _say(f"issued identities {', '.join(missing)} from the running stack's CA")
+    return missing
+
+
 def _render(template: Path, dest: Path, **values: object) -> str:
     text = string.Template(template.read_text()).substitute({k: str(v) for k, v in values.items()})
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -684,6 +704,7 @@ def up(layout: Layout) -> State:
     t_start = time.monotonic()
     existing = load_state(layout)
     if existing is not None and healthy(layout, existing):
+        ensure_identities(layout, existing)
         _write_env(layout, existing)
         apply_infra(layout)
         _say(f"already up and healthy; source {layout.env_file}")
@@ -743,7 +764,9 @@ def up(layout: Layout) -> State:
         )  # fmt: skip
         proxy_cert = ca.issue("kube-proxy", "system:kube-proxy")
         router_cert = ca.issue("kube-router", "system:kube-router")
-        ident_certs = {i: ca.issue(i, i) for i in IDENTITIES}
+        ident_certs = {
+            i: ca.issue(i, i, organizations=IDENTITY_GROUPS.get(i, ())) for i in IDENTITIES
+        }
         sa = pki.service_account_keys(layout.pki)
         # The aggregation layer's CA, as kubeadm sets it up: it fills the requestheader
         # part of kube-system/extension-apiserver-authentication that the controller

@@ -76,6 +76,13 @@ EXPORTER = {
     "gke": Subject("ServiceAccount", "egress-exporter", GATEWAY_NS),
     "kind": Subject("ServiceAccount", "egress-exporter", GATEWAY_NS),
 }
+# The read-only access audit (`egressctl access`). Locally its certificate user
+# `egress-auditor` is in the group the base binds.
+AUDITOR = {
+    "dev": Subject("Group", "egress-auditors"),
+    "gke": Subject("User", "egress-auditor@my-project.iam.gserviceaccount.com"),
+    "kind": Subject("ServiceAccount", "egress-auditor", GATEWAY_NS),
+}
 SETTINGS = Settings()  # names and paths only: the product's defaults
 FIXED_NAMES = frozenset({SETTINGS.dns_configmap_name, SETTINGS.coredns_configmap_name})
 # The component that grants the Corefile write, for overlays whose pipeline runs with
@@ -135,10 +142,12 @@ def test_overlay_builds_with_only_its_documented_placeholders(overlay: str) -> N
     assert ("Namespace", GATEWAY_NS) in kinds
     assert ("ClusterRole", "egress-reconciler") in kinds
     assert ("Deployment", "egress-exporter") in kinds if overlay == "gke" else True
+    assert ("ClusterRole", "egress-auditor") in kinds
     # Every binding names exactly this overlay's identities and nothing else.
+    identities = {"reconciler": RECONCILER, "exporter": EXPORTER, "auditor": AUDITOR}
     for obj in objects:
         if obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
-            who = RECONCILER if "reconciler" in obj["roleRef"]["name"] else EXPORTER
+            [who] = [v for k, v in identities.items() if k in obj["roleRef"]["name"]]
             subjects = obj["subjects"]
             assert any(who[overlay].matches(s) for s in subjects), obj
             if overlay != "dev":
@@ -585,6 +594,75 @@ def test_exporter_rbac_is_exactly_what_its_requests_need(dev_stack: DevStack) ->
         objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
         problems = compare(needed, grants(objects, EXPORTER[overlay]))
         assert not problems, f"overlay {overlay}, exporter:\n  " + "\n  ".join(problems)
+
+
+@pytest.mark.cluster
+def test_auditor_rbac_is_exactly_what_its_requests_need(dev_stack: DevStack, admin: Kube) -> None:
+    """`egressctl access` as the auditor, with pods owned by a ReplicaSet and by a Job in the
+    cluster (so that both owner lists are sent), compared with each overlay's grants."""
+    from access.model import audit, snapshot_from_kube
+    from reconcile.kube import JOB, NAMESPACE, POD
+
+    namespace = f"rbac-audit-{os.getpid()}-{dt.datetime.now().strftime('%H%M%S%f')}"
+    pod_spec = {
+        "nodeSelector": {"egress.monzo.com/test-no-such-node": "true"},
+        "restartPolicy": "Never",
+        "containers": [{"name": "c", "image": "egress-dev.local/pause:1"}],
+    }
+    admin.request(
+        "POST",
+        NAMESPACE.path(),
+        body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+    )
+    try:
+        admin.request(
+            "POST",
+            DEPLOYMENT.path(namespace),
+            body={
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "web"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "web"}},
+                        "spec": {**pod_spec, "restartPolicy": "Always"},
+                    },
+                },
+            },
+        )
+        admin.request(
+            "POST",
+            JOB.path(namespace),
+            body={"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "once"},
+                  "spec": {"template": {"spec": pod_spec}}},
+        )  # fmt: skip
+        eventually(lambda: len(admin.list_all(POD, namespace)[0]) == 2, 60, "both pods")
+        api = RecordingApiClient(
+            api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-auditor"))
+        )
+        audit(snapshot_from_kube(Kube(api), SETTINGS))
+    finally:
+        admin.delete(NAMESPACE, namespace)
+    refused = [r for r in api.requests if r.status == 403]
+    assert not refused, f"requests refused by RBAC: {refused}"
+    needed = accesses(api.requests)
+    assert {a.verb for a in needed} == {"list"}
+    assert Access("list", "apps", "replicasets", "", "") in needed
+    assert Access("list", "batch", "jobs", "", "") in needed
+    assert Access("list", "", "services", GATEWAY_NS, "") in needed
+    for overlay in OVERLAYS:
+        objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
+        problems = compare(needed, grants(objects, AUDITOR[overlay]))
+        assert not problems, f"overlay {overlay}, auditor:\n  " + "\n  ".join(problems)
+        # And nothing of the audit's reads goes to the reconciler.
+        reconciler = grants(objects, RECONCILER[overlay])
+        assert not [
+            a
+            for a in needed
+            if a.resource in ("pods", "namespaces", "replicasets", "jobs")
+            and any(g.covers(a) for g in reconciler)
+        ]
 
 
 def test_the_comparison_fails_on_missing_and_broader_grants() -> None:
