@@ -714,7 +714,9 @@ class _Evaluator:
         ]
         if not answers:
             return None
-        present = [a for a, _ in answers]
+        # The row is about the pods that are granted or admitted (all of them when none is, as
+        # `full` asks): a pod that is neither says nothing of this gateway, whatever its egress.
+        present = [a for a, _ in answers if a.form or a.ingress] or [a for a, _ in answers]
         exposed = gateway.service is not None and gateway.service.port(port, protocol) is not None
         forms = {a.form for a in present if a.form}
         reachable = sum(n for a, n in answers if a.egress and a.ingress and exposed)

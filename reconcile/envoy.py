@@ -35,36 +35,42 @@ ADMIN_TEXT_FORMAT = (
     '%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% "%REQ(X-FORWARDED-FOR)%" "%REQ(USER-AGENT)%" '
     '"%REQ(X-REQUEST-ID)%" "%REQ(:AUTHORITY)%" "%UPSTREAM_HOST%"\n'
 )
-CLUSTER_JSON_FORMAT: dict[str, str] = {
-    "start_time": "%START_TIME%",
+# The original operator's JSON access log, for both the proxy and the admin log: these 21 field
+# names are an interface (people index them). With omit_empty_values, a field whose operator has
+# no value is left out of the line (Envoy 1.40 and later; 1.39 prints it as null), and text
+# formats print an empty string instead of "-". For a TCP connection Envoy has no HTTP request:
+# method, path, protocol, authority, user_agent and upstream_service_time are left out, and
+# response_code is 0 (see README, "Access logs").
+JSON_FORMAT: dict[str, str] = {
+    "authority": "%REQ(:AUTHORITY)%",
     "bytes_received": "%BYTES_RECEIVED%",
     "bytes_sent": "%BYTES_SENT%",
-    "duration": "%DURATION%",
-    "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
-    "downstream_local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
-    "upstream_host": "%UPSTREAM_HOST%",
-    "upstream_cluster": "%UPSTREAM_CLUSTER%",
-    "upstream_local_address": "%UPSTREAM_LOCAL_ADDRESS%",
-    "response_flags": "%RESPONSE_FLAGS%",
     "connection_termination_details": "%CONNECTION_TERMINATION_DETAILS%",
-}
-ADMIN_JSON_FORMAT: dict[str, str] = {
-    "start_time": "%START_TIME%",
+    "downstream_local_address": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "downstream_remote_address": "%DOWNSTREAM_REMOTE_ADDRESS%",
+    "duration": "%DURATION%",
     "method": "%REQ(:METHOD)%",
     "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
     "protocol": "%PROTOCOL%",
+    "requested_server_name": "%REQUESTED_SERVER_NAME%",
     "response_code": "%RESPONSE_CODE%",
+    "response_code_details": "%RESPONSE_CODE_DETAILS%",
     "response_flags": "%RESPONSE_FLAGS%",
-    "bytes_received": "%BYTES_RECEIVED%",
-    "bytes_sent": "%BYTES_SENT%",
-    "duration": "%DURATION%",
-    "upstream_service_time": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
-    "x_forwarded_for": "%REQ(X-FORWARDED-FOR)%",
-    "user_agent": "%REQ(USER-AGENT)%",
-    "request_id": "%REQ(X-REQUEST-ID)%",
-    "authority": "%REQ(:AUTHORITY)%",
+    "start_time": "%START_TIME%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
     "upstream_host": "%UPSTREAM_HOST%",
+    "upstream_local_address": "%UPSTREAM_LOCAL_ADDRESS%",
+    "upstream_service_time": "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    "upstream_transport_failure_reason": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    "user_agent": "%REQ(USER-AGENT)%",
 }
+# ipOverride health-check events (host ejected, added back, check failed) as JSON lines on
+# stdout, as the original logged them; the event_logger extension replaces event_log_path.
+HEALTH_EVENT_SINK = "envoy.health_check.event_sinks.file"
+HEALTH_EVENT_SINK_TYPE = (
+    "type.googleapis.com/envoy.extensions.health_check.event_sinks.file.v3.HealthCheckEventFileSink"
+)
+HEALTH_EVENT_LOG_PATH = "/dev/stdout"
 
 
 def admin_port(spec: ExternalServiceSpec) -> int:
@@ -80,12 +86,13 @@ def cluster_name(name: str, port: Port) -> str:
     return f"{name}_{port.protocol.value}_{port.port}"
 
 
-def _access_log(json: bool, text_format: str, json_format: dict[str, str]) -> list[dict[str, Any]]:
+def _access_log(json: bool, text_format: str) -> list[dict[str, Any]]:
     log_format: dict[str, Any] = (
-        {"json_format": dict(json_format)}
+        {"json_format": dict(JSON_FORMAT)}
         if json
         else {"text_format_source": {"inline_string": text_format}}
     )
+    log_format["omit_empty_values"] = True
     return [
         {
             "name": STDOUT_LOGGER,
@@ -149,13 +156,27 @@ def _override_cluster(name: str, spec: ExternalServiceSpec, port: Port) -> dict[
     )
     # A TCP connect says nothing about a UDP service, so UDP overrides are not health checked.
     if port.protocol is Protocol.TCP:
+        # As the original: a host that fails its checks loses its open connections too (clients
+        # reconnect, through the DNS cluster while no override host is healthy), and every check
+        # opens a fresh connection, as a client would.
+        cluster["close_connections_on_host_health_failure"] = True
         cluster["health_checks"] = [
             {
                 "timeout": "1s",
                 "interval": "10s",
                 "unhealthy_threshold": 2,
                 "healthy_threshold": 3,
+                "reuse_connection": False,
                 "tcp_health_check": {},
+                "event_logger": [
+                    {
+                        "name": HEALTH_EVENT_SINK,
+                        "typed_config": {
+                            "@type": HEALTH_EVENT_SINK_TYPE,
+                            "event_log_path": HEALTH_EVENT_LOG_PATH,
+                        },
+                    }
+                ],
             }
         ]
     return cluster
@@ -176,9 +197,7 @@ def _aggregate_cluster(name: str, spec: ExternalServiceSpec, members: list[str])
 
 
 def _listener(name: str, route_to: str, spec: ExternalServiceSpec, port: Port) -> dict[str, Any]:
-    access_log = _access_log(
-        spec.envoy_json_cluster_access_logs, CLUSTER_TEXT_FORMAT, CLUSTER_JSON_FORMAT
-    )
+    access_log = _access_log(spec.envoy_json_cluster_access_logs, CLUSTER_TEXT_FORMAT)
     listener: dict[str, Any] = {"name": name, "address": _socket_address("0.0.0.0", port)}
     if port.protocol is Protocol.TCP:
         listener["filter_chains"] = [
@@ -227,6 +246,9 @@ def bootstrap(name: str, spec: ExternalServiceSpec) -> dict[str, Any]:
         base = cluster_name(name, port)
         clusters.append(_dns_cluster(base, spec, port))
         route_to = base
+        # UDP ports follow ipOverride too (the original ignored it for UDP and always used DNS).
+        # Their override hosts are not health checked, so they are always chosen: UDP never
+        # falls back to DNS while ipOverride is set.
         if spec.ip_override:
             override = f"{base}-override"
             route_to = f"{base}-aggregate"
@@ -236,9 +258,7 @@ def bootstrap(name: str, spec: ExternalServiceSpec) -> dict[str, Any]:
     return {
         "admin": {
             "address": {"socket_address": {"address": "0.0.0.0", "port_value": admin_port(spec)}},
-            "access_log": _access_log(
-                spec.envoy_json_admin_access_logs, ADMIN_TEXT_FORMAT, ADMIN_JSON_FORMAT
-            ),
+            "access_log": _access_log(spec.envoy_json_admin_access_logs, ADMIN_TEXT_FORMAT),
         },
         "static_resources": {"listeners": listeners, "clusters": clusters},
     }

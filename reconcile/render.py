@@ -162,7 +162,7 @@ def deployment(es: ExternalService, settings: Settings) -> Obj:
             {
                 "maxSkew": t.max_skew,
                 "topologyKey": t.topology_key,
-                "whenUnsatisfiable": "ScheduleAnyway",
+                "whenUnsatisfiable": t.when_unsatisfiable,
                 "labelSelector": {"matchLabels": gateway_labels(es.name)},
             }
             for t in settings.topology_spread

@@ -34,11 +34,16 @@ from reconcile.spec import (
     quantity_value,
 )
 
-DEFAULT_ENVOY_IMAGE = "envoyproxy/envoy:v1.39.6"
+# 1.40 or later: earlier releases print null for empty values in JSON access logs although
+# omit_empty_values asks to leave them out (envoyproxy/envoy#37941).
+DEFAULT_ENVOY_IMAGE = "envoyproxy/envoy:v1.40.0"
 DEFAULT_GATEWAY_NAMESPACE = "egress-operator-system"
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 DEFAULT_ZONE_KEY = "topology.kubernetes.io/zone"
 DEFAULT_HOSTNAME_KEY = "kubernetes.io/hostname"
+# A topology spread constraint's whenUnsatisfiable, as Kubernetes spells them.
+SCHEDULE_ANYWAY = "ScheduleAnyway"
+WHEN_UNSATISFIABLE = (SCHEDULE_ANYWAY, "DoNotSchedule")
 # How long a deleted gateway keeps serving after its DNS rule is withdrawn: DNS propagation
 # (p95 2 s measured with the CoreDNS pod nudge and `reload 2s`; but a kubelet may sync the nudged
 # pod before its ConfigMap cache has the write, and then the rule waits for its periodic sync,
@@ -64,6 +69,7 @@ class SettingsError(ValueError):
 class TopologySpread:
     max_skew: int
     topology_key: str
+    when_unsatisfiable: str = SCHEDULE_ANYWAY
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +94,9 @@ class Settings:
     nudge_coredns_pods: bool = True
     coredns_service_name: str = DEFAULT_COREDNS_SERVICE
     sweep_concurrency: int = DEFAULT_SWEEP_CONCURRENCY
+    # Add `egressctl access` findings to each sweep's report. Needs the reconciler bound to the
+    # egress-auditor role too (it then reads every pod): off by default, see README.
+    sweep_access_audit: bool = False
     ceilings: Ceilings = DEFAULT_CEILINGS
 
     @classmethod
@@ -104,6 +113,13 @@ class Settings:
             value = get(name, default)
             if value and not is_label_key(value):
                 errors.append(f"{name}: {value!r} is not a valid Kubernetes label key")
+            return value
+
+        def when_unsatisfiable(name: str) -> str:
+            value = get(name, SCHEDULE_ANYWAY)
+            if value not in WHEN_UNSATISFIABLE:
+                env_.error(name, f"must be ScheduleAnyway or DoNotSchedule (got {value!r})")
+                return SCHEDULE_ANYWAY
             return value
 
         def label_value(name: str) -> str:
@@ -153,16 +169,18 @@ class Settings:
         enable_spread = flag("ENABLE_POD_TOPOLOGY_SPREAD")
         zone_skew = positive_int("POD_TOPOLOGY_ZONE_MAX_SKEW")
         zone_key = label_key("POD_TOPOLOGY_ZONE_MAX_SKEW_KEY", DEFAULT_ZONE_KEY) or DEFAULT_ZONE_KEY
+        zone_when = when_unsatisfiable("POD_TOPOLOGY_ZONE_WHEN_UNSATISFIABLE")
         host_skew = positive_int("POD_TOPOLOGY_HOSTNAME_MAX_SKEW")
         host_key = (
             label_key("POD_TOPOLOGY_HOSTNAME_MAX_SKEW_KEY", DEFAULT_HOSTNAME_KEY)
             or DEFAULT_HOSTNAME_KEY
         )
+        host_when = when_unsatisfiable("POD_TOPOLOGY_HOSTNAME_WHEN_UNSATISFIABLE")
         if enable_spread:
             if zone_skew is not None:
-                spread.append(TopologySpread(zone_skew, zone_key))
+                spread.append(TopologySpread(zone_skew, zone_key, zone_when))
             if host_skew is not None:
-                spread.append(TopologySpread(host_skew, host_key))
+                spread.append(TopologySpread(host_skew, host_key, host_when))
             if not spread:
                 errors.append(
                     "ENABLE_POD_TOPOLOGY_SPREAD: is true but neither "
@@ -228,6 +246,7 @@ class Settings:
             coredns_import_path=import_path,
             nudge_coredns_pods=nudge,
             coredns_service_name=object_name("COREDNS_SERVICE_NAME", DEFAULT_COREDNS_SERVICE),
+            sweep_access_audit=flag("SWEEP_ACCESS_AUDIT"),
             ceilings=ceilings,
         )
         env_.raise_if_errors(SettingsError)

@@ -15,6 +15,7 @@ from envoy.extensions.access_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2  # noqa: F401
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.filters.udp.udp_proxy.v3 import route_pb2, udp_proxy_pb2  # noqa: F401
+from envoy.extensions.health_check.event_sinks.file.v3 import file_pb2  # noqa: F401
 from google.protobuf import json_format
 
 

@@ -220,7 +220,7 @@ SCHEDULING = [
         Settings(
             topology_spread=(
                 TopologySpread(1, "topology.kubernetes.io/zone"),
-                TopologySpread(2, "kubernetes.io/hostname"),
+                TopologySpread(2, "kubernetes.io/hostname", "DoNotSchedule"),
             )
         ),
         "topologySpreadConstraints",
@@ -236,7 +236,7 @@ SCHEDULING = [
             {
                 "maxSkew": 2,
                 "topologyKey": "kubernetes.io/hostname",
-                "whenUnsatisfiable": "ScheduleAnyway",
+                "whenUnsatisfiable": "DoNotSchedule",
                 "labelSelector": {
                     "matchLabels": {"app": "egress-gateway", "egress.monzo.com/gateway": "google"}
                 },

@@ -45,6 +45,7 @@ def test_original_operator_environment() -> None:
             "POD_TOPOLOGY_ZONE_MAX_SKEW": "1",
             "POD_TOPOLOGY_HOSTNAME_MAX_SKEW": "2",
             "POD_TOPOLOGY_HOSTNAME_MAX_SKEW_KEY": "example.com/rack",
+            "POD_TOPOLOGY_HOSTNAME_WHEN_UNSATISFIABLE": "DoNotSchedule",
             "ENABLE_SERVICE_TOPOLOGY_MODE": "true",
             "ENABLE_PDB": "true",
             "GATEWAY_NAMESPACE": "egress",
@@ -55,8 +56,8 @@ def test_original_operator_environment() -> None:
     assert (settings.node_selector_key, settings.node_selector_value) == ("role", "egress-pods")
     assert (settings.toleration_key, settings.toleration_value) == ("egress-pods", "true")
     assert settings.topology_spread == (
-        TopologySpread(1, "topology.kubernetes.io/zone"),
-        TopologySpread(2, "example.com/rack"),
+        TopologySpread(1, "topology.kubernetes.io/zone", "ScheduleAnyway"),
+        TopologySpread(2, "example.com/rack", "DoNotSchedule"),
     )
     assert settings.service_topology_mode and settings.enable_pdb
     assert settings.gateway_namespace == "egress"
@@ -88,6 +89,27 @@ def test_gateway_ceilings_default_to_generous_values_a_platform_team_raises() ->
     assert Settings.from_env(lowest).ceilings == Ceilings(12, "2000m", "1Gi")
 
 
+@pytest.mark.parametrize(
+    ("zone", "hostname"),
+    [("", ""), ("DoNotSchedule", ""), ("", "DoNotSchedule"), ("ScheduleAnyway", "DoNotSchedule")],
+)
+def test_when_unsatisfiable_defaults_to_schedule_anyway_and_honours_do_not_schedule(
+    zone: str, hostname: str
+) -> None:
+    env = {
+        "ENABLE_POD_TOPOLOGY_SPREAD": "true",
+        "POD_TOPOLOGY_ZONE_MAX_SKEW": "1",
+        "POD_TOPOLOGY_HOSTNAME_MAX_SKEW": "1",
+        "POD_TOPOLOGY_ZONE_WHEN_UNSATISFIABLE": zone,
+        "POD_TOPOLOGY_HOSTNAME_WHEN_UNSATISFIABLE": hostname,
+    }
+    spread = Settings.from_env(env).topology_spread
+    assert [t.when_unsatisfiable for t in spread] == [
+        zone or "ScheduleAnyway",
+        hostname or "ScheduleAnyway",
+    ]
+
+
 def test_skews_without_the_switch_add_no_constraint() -> None:
     assert Settings.from_env({"POD_TOPOLOGY_ZONE_MAX_SKEW": "1"}).topology_spread == ()
 
@@ -109,6 +131,14 @@ BAD = [
     ("ENABLE_POD_TOPOLOGY_SPREAD", {"ENABLE_POD_TOPOLOGY_SPREAD": "true"}),
     ("ENABLE_SERVICE_TOPOLOGY_MODE", {"ENABLE_SERVICE_TOPOLOGY_MODE": "auto"}),
     ("POD_TOPOLOGY_ZONE_MAX_SKEW_KEY", {"POD_TOPOLOGY_ZONE_MAX_SKEW_KEY": "/zone"}),
+    (
+        "POD_TOPOLOGY_ZONE_WHEN_UNSATISFIABLE",
+        {"POD_TOPOLOGY_ZONE_WHEN_UNSATISFIABLE": "donotschedule"},
+    ),
+    (
+        "POD_TOPOLOGY_HOSTNAME_WHEN_UNSATISFIABLE",
+        {"POD_TOPOLOGY_HOSTNAME_WHEN_UNSATISFIABLE": "Never"},
+    ),
     ("NUDGE_COREDNS_PODS", {"NUDGE_COREDNS_PODS": "sometimes"}),
     ("COREDNS_SERVICE_NAME", {"COREDNS_SERVICE_NAME": "Kube DNS"}),
     ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "0"}),
