@@ -71,6 +71,11 @@ def test_the_coredns_nudge_is_on_unless_switched_off() -> None:
     assert not off.nudge_coredns_pods and off.coredns_service_name == "dns"
 
 
+def test_the_sweep_audits_access_only_when_asked() -> None:
+    assert not Settings.from_env({}).sweep_access_audit
+    assert Settings.from_env({"SWEEP_ACCESS_AUDIT": "true"}).sweep_access_audit
+
+
 def test_the_delete_grace_covers_dns_with_and_without_the_nudge() -> None:
     assert Settings.from_env({}).delete_grace_s == 120
     assert Settings.from_env({"NUDGE_COREDNS_PODS": "false"}).delete_grace_s == 180
@@ -140,6 +145,7 @@ BAD = [
         {"POD_TOPOLOGY_HOSTNAME_WHEN_UNSATISFIABLE": "Never"},
     ),
     ("NUDGE_COREDNS_PODS", {"NUDGE_COREDNS_PODS": "sometimes"}),
+    ("SWEEP_ACCESS_AUDIT", {"SWEEP_ACCESS_AUDIT": "yes please"}),
     ("COREDNS_SERVICE_NAME", {"COREDNS_SERVICE_NAME": "Kube DNS"}),
     ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "0"}),
     ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "11"}),
