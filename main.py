@@ -2,10 +2,10 @@
 
 Three functions deploy from this one source:
 
-- ``on_event``  — Eventarc trigger on the events topic: reconcile the ExternalService named
+- ``on_event``  — pushed by Pub/Sub from the events topic: reconcile the ExternalService named
   by a notice;
-- ``on_sweep``  — Eventarc trigger on the sweep topic (Cloud Scheduler): reconcile everything,
-  prune orphans, report drift;
+- ``on_sweep``  — pushed by Pub/Sub from the sweep topic (Cloud Scheduler): reconcile
+  everything, prune orphans, report drift;
 - ``repair``    — HTTP (``gcloud functions call`` or authenticated HTTPS):
   ``{"name": optional, "dryRun": bool}`` in, a JSON report out.
 

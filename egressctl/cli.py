@@ -12,9 +12,12 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from egressctl.optional import MissingDependency
+
 COMMAND_MODULES: tuple[str, ...] = (
     "egressctl.render_cmds",
     "egressctl.ops_cmds",
+    "egressctl.migrate_cmds",
     "egressctl.access_cmds",
     "egressctl.devstack",
     "egressctl.run_cmds",
@@ -37,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))
+    except MissingDependency as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

@@ -4,7 +4,8 @@ These run the same code as the Cloud Functions, against ``$KUBECONFIG`` (or ``--
 so an operator can converge, inspect or preview a cluster without going through Pub/Sub.
 
 Exit codes: 0 success (for ``plan``: nothing to change), 1 a transient failure (retry),
-2 invalid input or a permanent refusal, 3 (``plan`` only) changes are pending.
+2 invalid input or a permanent refusal (also: another field manager keeps rewriting a gateway,
+outcome ``contested``), 3 (``plan`` only) changes are pending.
 """
 
 from __future__ import annotations
@@ -33,15 +34,25 @@ def register(subparsers: Any) -> None:
         p.add_argument("--context", default=None, help="kubeconfig context")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
 
+    def force_conflicts(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--force-conflicts",
+            action="store_true",
+            help="take fields back even from a field manager that keeps rewriting them "
+            "(Conflict condition); stop that writer first",
+        )
+
     p = subparsers.add_parser("reconcile", help="converge one ExternalService, or all with --all")
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true", help="every ExternalService (a sweep)")
     p.add_argument("--dry-run", action="store_true", help="server-side dry run: write nothing")
+    force_conflicts(p)
     common(p)
     p.set_defaults(func=cmd_reconcile)
 
     p = subparsers.add_parser("sweep", help="reconcile everything, prune orphans, report drift")
     p.add_argument("--dry-run", action="store_true", help="server-side dry run: write nothing")
+    force_conflicts(p)
     common(p)
     p.set_defaults(func=cmd_sweep)
 
@@ -60,7 +71,9 @@ def register(subparsers: Any) -> None:
 def _reconciler(args: argparse.Namespace, dry_run: bool) -> Reconciler:
     settings = Settings.from_env(os.environ)
     kube = Kube(api_client_from_kubeconfig(args.kubeconfig, args.context), dry_run=dry_run)
-    return build_reconciler(kube, settings)
+    reconciler = build_reconciler(kube, settings)
+    reconciler.force_conflicts = bool(getattr(args, "force_conflicts", False))
+    return reconciler
 
 
 def _run(args: argparse.Namespace, dry_run: bool, plan: bool) -> int:
@@ -76,14 +89,17 @@ def _run(args: argparse.Namespace, dry_run: bool, plan: bool) -> int:
             if report.errors:
                 return EXIT_TRANSIENT
             changes = bool(report.drift)
-            invalid = any(r.outcome in (Outcome.INVALID, Outcome.CONFLICT) for r in report.results)
+            invalid = any(
+                r.outcome in (Outcome.INVALID, Outcome.CONFLICT, Outcome.CONTESTED)
+                for r in report.results
+            )
         else:
             result = reconciler.reconcile(args.name)
             _print_results([result], args.json, plan)
             if result.outcome == Outcome.NOT_FOUND:
                 return EXIT_PERMANENT
             changes = bool(result.changes)
-            invalid = result.outcome in (Outcome.INVALID, Outcome.CONFLICT)
+            invalid = result.outcome in (Outcome.INVALID, Outcome.CONFLICT, Outcome.CONTESTED)
     except TransientError as exc:
         print(f"error: transient: {exc}", file=sys.stderr)
         return EXIT_TRANSIENT
@@ -141,6 +157,9 @@ def _print_results(results: list[Result], as_json: bool, plan: bool) -> None:
         print(head)
         for change in r.changes:
             print("\n".join(_format_change(change)))
+        for fight in r.fights:
+            print(f"  ! {fight.describe()}")
+            print("      not forced back; stop that writer, then reconcile with --force-conflicts")
 
 
 def _print_sweep(report: SweepReport, as_json: bool, plan: bool) -> None:
@@ -156,7 +175,11 @@ def _print_sweep(report: SweepReport, as_json: bool, plan: bool) -> None:
             print("\n".join(_format_change(change)))
     counts = report.to_dict()["outcomes"]
     summary = ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items())) or "none"
-    print(f"{len(report.results)} ExternalService(s): {summary}; {len(report.drift)} change(s)")
+    fights = f"; {len(report.fights)} field manager fight(s)" if report.fights else ""
+    print(
+        f"{len(report.results)} ExternalService(s): {summary}; {len(report.drift)} change(s)"
+        + fights
+    )
     for err in report.errors:
         print(f"error: {err['name']}: {err['error']}", file=sys.stderr)
 

@@ -1,9 +1,9 @@
-"""The event pipeline on the local stack: what Eventarc, Cloud Functions, Cloud Scheduler and a
+"""The event pipeline on the local stack: what Pub/Sub, Cloud Functions, Cloud Scheduler and a
 Deployment controller do in Google Cloud, done with local processes.
 
 - Pub/Sub: the dev stack's emulator; topics and *push* subscriptions to the locally served
-  functions (functions-framework turns the raw push body into the CloudEvent Eventarc would
-  send), with ordering and a dead-letter topic as deployed.
+  functions (functions-framework turns the raw push body into a CloudEvent), with ordering and
+  a dead-letter topic as deployed (cloudbuild.yaml's subscriptions step).
 - Functions: one functions-framework server per entry point of ``main.py``, each its own process
   (so a test can kill one mid-reconcile), as the reconciler's RBAC identity.
 - Exporter: ``python -m exporter`` as the exporter's RBAC identity, restarted with backoff when

@@ -122,8 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from egressctl.devstack.procs import DevStackError, wait_for
     from egressctl.devstack.stack import Layout, down, env_values, find_repo, healthy, load_state
     from egressctl.devstack.stack import up as dev_up
+    from egressctl.optional import DEV_STACK_PACKAGES, require
     from egressctl.pipeline import LocalPipeline, PipelineConfig
 
+    require("egressctl run", *DEV_STACK_PACKAGES)
     layout = Layout(find_repo())
     existing = load_state(layout)
     started_stack = existing is None or not healthy(layout, existing)
@@ -282,9 +284,11 @@ def print_status(kubeconfig: str) -> None:
 
 def print_dns(dev_env: dict[str, str]) -> None:
     """Ask cluster DNS for each hijacking ExternalService's name, as a pod would."""
-    from dnslib import DNSRecord
-
+    from egressctl.optional import needed
     from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
+
+    with needed("dnslib", "egressctl run's DNS answers"):
+        from dnslib import DNSRecord
 
     kube = Kube(api_client_from_kubeconfig(dev_env["KUBECONFIG"]))
     items, _ = kube.list_all(EXTERNAL_SERVICE)

@@ -284,7 +284,7 @@ def reconcile_logged(
         raise
     report: dict[str, Any] = dict(result.to_dict())
     level = logging.INFO
-    if result.outcome in (Outcome.INVALID, Outcome.CONFLICT):
+    if result.outcome in (Outcome.INVALID, Outcome.CONFLICT, Outcome.CONTESTED):
         level = logging.WARNING
     summary = ", ".join(f"{ch.action} {ch.kind}" for ch in result.changes) or "no changes"
     text = f"reconcile {name}: {result.outcome} ({summary})"
@@ -361,23 +361,27 @@ def sweep_logged(rt: Runtime, *, dry_run: bool, started: float | None = None) ->
             with logs.context(externalService=result.name):
                 logs.log(
                     log,
-                    logging.WARNING if result.changes else logging.INFO,
+                    logging.WARNING if result.changes or result.fights else logging.INFO,
                     f"sweep: {result.name}: {result.outcome}"
-                    + (f" (drift: {len(result.changes)} change(s))" if result.changes else ""),
+                    + (f" (drift: {len(result.changes)} change(s))" if result.changes else "")
+                    + "".join(f"; {f.describe()}" for f in result.fights),
                     outcome=result.outcome,
                     changes=[ch.to_dict() for ch in result.changes],
+                    fights=[f.to_dict() for f in result.fights],
                     dryRun=dry_run,
                 )
-    level = logging.WARNING if out["drift"] or out["errors"] else logging.INFO
+    level = logging.WARNING if out["drift"] or out["errors"] or out["fights"] else logging.INFO
     logs.log(
         log,
         level,
         f"sweep: {out['externalServices']} ExternalService(s), {len(out['drift'])} drift "
-        f"change(s), {len(report.pruned)} orphan(s) pruned, {len(out['errors'])} error(s)",
+        f"change(s), {len(report.pruned)} orphan(s) pruned, {len(out['errors'])} error(s)"
+        + (f", {len(out['fights'])} field manager fight(s)" if out["fights"] else ""),
         outcome="swept",
         outcomes=out["outcomes"],
         drift=out["drift"],
         errors=out["errors"],
+        fights=out["fights"],
         dryRun=dry_run,
         durationMs=_ms(t0),
     )

@@ -8,6 +8,7 @@ message naming the variable.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,11 @@ DEFAULT_INLINE_REQUEUE_MAX_S = 20
 MAX_CLOCK_SKEW_S = 300
 
 CREDENTIAL_MODES = ("auto", "kubeconfig", "in-cluster", "gke")
+# Which of a GKE cluster's control-plane endpoints the functions use (GKE_ENDPOINT_TYPE):
+# its public IP, its private IP (through a VPC connector), or its DNS name (publicly trusted
+# certificate, reachable without a VPC path; IAM decides who may use it).
+GKE_ENDPOINT_TYPES = ("public", "private", "dns")
+GKE_CLUSTER_NAME = re.compile(r"projects/[^/\s]+/locations/[^/\s]+/clusters/[^/\s]+")
 
 
 class PipelineSettingsError(ValueError):
@@ -44,8 +50,12 @@ class PipelineSettings:
     credentials: str = "auto"
     kubeconfig: str | None = None
     kube_context: str | None = None
+    # The cluster, looked up in the GKE API at cold start for its endpoint and CA ...
+    gke_cluster: str | None = None  # projects/P/locations/L/clusters/NAME
+    gke_endpoint_type: str = "public"
+    # ... unless these override it (both as `gcloud container clusters describe` prints them).
     gke_endpoint: str | None = None
-    gke_ca_cert: str | None = None  # base64 PEM, as `gcloud container clusters describe` prints
+    gke_ca_cert: str | None = None  # base64 PEM, or a file
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> PipelineSettings:
@@ -63,8 +73,17 @@ class PipelineSettings:
         if mode not in CREDENTIAL_MODES:
             errors.append(f"KUBE_CREDENTIALS: must be one of {', '.join(CREDENTIAL_MODES)}")
         endpoint = get("GKE_ENDPOINT") or None
-        if mode == "gke" and not endpoint:
-            errors.append("GKE_ENDPOINT: is required when KUBE_CREDENTIALS=gke")
+        cluster = get("GKE_CLUSTER") or None
+        if cluster and not GKE_CLUSTER_NAME.fullmatch(cluster):
+            errors.append(
+                f"GKE_CLUSTER: must be projects/PROJECT/locations/LOCATION/clusters/NAME "
+                f"(got {cluster!r})"
+            )
+        if mode == "gke" and not endpoint and not cluster:
+            errors.append("GKE_CLUSTER: is required when KUBE_CREDENTIALS=gke (or GKE_ENDPOINT)")
+        endpoint_type = get("GKE_ENDPOINT_TYPE", "public").lower()
+        if endpoint_type not in GKE_ENDPOINT_TYPES:
+            errors.append(f"GKE_ENDPOINT_TYPE: must be one of {', '.join(GKE_ENDPOINT_TYPES)}")
         if endpoint and not endpoint.startswith("https://"):
             endpoint = f"https://{endpoint}"
         settings = cls(
@@ -79,6 +98,8 @@ class PipelineSettings:
             credentials=mode,
             kubeconfig=get("KUBECONFIG") or None,
             kube_context=get("KUBE_CONTEXT") or None,
+            gke_cluster=cluster,
+            gke_endpoint_type=endpoint_type,
             gke_endpoint=endpoint,
             gke_ca_cert=get("GKE_CA_CERT") or None,
         )
@@ -86,10 +107,11 @@ class PipelineSettings:
         return settings
 
     def credential_mode(self, env: Mapping[str, str]) -> str:
-        """``auto`` resolved: GKE endpoint, else in-cluster when in a pod, else kubeconfig."""
+        """``auto`` resolved: a GKE cluster or endpoint, else in-cluster when in a pod, else
+        kubeconfig."""
         if self.credentials != "auto":
             return self.credentials
-        if self.gke_endpoint:
+        if self.gke_cluster or self.gke_endpoint:
             return "gke"
         if env.get("KUBERNETES_SERVICE_HOST") and not self.kubeconfig:
             return "in-cluster"

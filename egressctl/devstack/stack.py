@@ -355,7 +355,10 @@ def dns_query(
     addr: str, name: str, qtype: str = "A", timeout: float = 2.0
 ) -> tuple[str, list[str]]:
     """Ask ``addr`` (host:port) over UDP; returns (rcode name, answer rdata strings)."""
-    from dnslib import QTYPE, RCODE, DNSRecord
+    from egressctl.optional import needed
+
+    with needed("dnslib", "the dev stack's DNS checks"):
+        from dnslib import QTYPE, RCODE, DNSRecord
 
     host, port = addr.rsplit(":", 1)
     raw = DNSRecord.question(name, qtype).send(host, int(port), timeout=timeout)
@@ -700,7 +703,11 @@ def _stop_on_failure(layout: Layout, state: State) -> Iterator[None]:
 
 
 def up(layout: Layout) -> State:
-    """Bring the stack up, or keep a healthy running one. Raises DevStackError."""
+    """Bring the stack up, or keep a healthy running one. Raises DevStackError, or
+    MissingDependency (before anything starts) without the dev extra's packages."""
+    from egressctl.optional import DEV_STACK_PACKAGES, require
+
+    require("the dev stack (egressctl dev up, egressctl run)", *DEV_STACK_PACKAGES)
     t_start = time.monotonic()
     existing = load_state(layout)
     if existing is not None and healthy(layout, existing):

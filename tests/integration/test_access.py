@@ -457,3 +457,39 @@ def test_auditor_identity_is_read_only(dev_stack: DevStack) -> None:
         ("delete", "pods", GATEWAY_NS, ""),
     ]:
         assert not can(verb, resource, namespace, group), (verb, resource, namespace)
+
+
+def test_a_sweep_reports_the_findings_only_when_asked_and_bound(
+    dev_stack: DevStack, scenario: Scenario
+) -> None:
+    """SWEEP_ACCESS_AUDIT adds the findings to the sweep's report. Unbound, the reconciler's
+    sweep still does its work and its report names the component to bind; bound with
+    infra/rbac/reconciler-access-audit, the report carries the same findings as the audit."""
+    s = scenario
+    bindings = REPO / "infra" / "rbac" / "reconciler-access-audit" / "bindings.yaml"
+    kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
+    quiet = build_reconciler(kube, dev_settings(delete_grace_s=0))
+    assert "access" not in quiet.sweep().to_dict(), "off by default"
+    auditing = build_reconciler(kube, dev_settings(delete_grace_s=0, sweep_access_audit=True))
+    unbound = auditing.sweep()
+    assert unbound.access is None
+    (error,) = [e for e in unbound.errors if e["name"] == "access-audit"]
+    assert "403" in error["error"] and "infra/rbac/reconciler-access-audit" in error["error"]
+    applied = subprocess.run(
+        ["kubectl", "apply", "-f", str(bindings)], capture_output=True, text=True, check=False
+    )
+    assert applied.returncode == 0, applied.stderr
+    try:
+        report = eventually(
+            lambda: (r := auditing.sweep()).access is not None and r, 30, "the bound audit"
+        )
+        assert report.access is not None
+        debug = [f for f in report.access if f["subject"] == f"{s.good}/Pod/debug"]
+        assert [f["code"] for f in debug] == ["unknown-gateway"], debug
+        assert report.to_dict()["access"] == report.access
+        assert not [e for e in report.errors if e["name"] == "access-audit"]
+    finally:
+        subprocess.run(
+            ["kubectl", "delete", "--ignore-not-found", "-f", str(bindings)],
+            capture_output=True, check=False,
+        )  # fmt: skip
