@@ -10,6 +10,7 @@ an in-sync sweep are measured with these counters), retried for transient failur
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 from collections import Counter
@@ -307,10 +308,13 @@ _CONFLICT_MANAGER = re.compile(r'conflict with "([^"]*)"')
 
 
 def api_client_from_kubeconfig(path: str | None = None, context: str | None = None) -> Any:
-    """An ApiClient from a kubeconfig file (``$KUBECONFIG`` or ~/.kube/config when None)."""
+    """An ApiClient from a kubeconfig file (``$KUBECONFIG`` or ~/.kube/config when None).
+
+    ``$KUBECONFIG`` is read now: the client's own default is read once, when it is imported."""
     from kubernetes import client, config
 
     configuration = client.Configuration()
+    path = path or os.environ.get("KUBECONFIG") or None
     config.load_kube_config(config_file=path, context=context, client_configuration=configuration)
     return client.ApiClient(configuration)
 

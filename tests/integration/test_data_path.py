@@ -43,6 +43,7 @@ pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DENY = REPO / "infra" / "examples" / "default-deny-egress"
+POLICY_DEADLINE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,23 @@ def test_granted_pod_reaches_the_upstream_by_name_through_its_gateway(
     for name in ("granted", "granted-old-label"):
         pod = clients[name]
         await_dns(lambda pod=pod: resolves_to_gateway(pod, a), admin, "the hijacked name")
-        reply = tcp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_TCP_PORT"])
+        # A new pod's policies and a new gateway's first upstream lookup take effect within
+        # seconds, not at once: the first answer is awaited, then must come from the gateway.
+        reply = eventually(
+            lambda pod=pod: (
+                peer(r := tcp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_TCP_PORT"])) and r
+            ),
+            POLICY_DEADLINE_S,
+            f"{name}: a TCP answer by name",
+        )
         assert peer(reply) in a.pod_ips, f"{name}: TCP not through the gateway: {reply!r}"
-        reply = udp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_UDP_PORT"])
+        reply = eventually(
+            lambda pod=pod: (
+                peer(r := udp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_UDP_PORT"])) and r
+            ),
+            POLICY_DEADLINE_S,
+            f"{name}: a UDP answer by name",
+        )
         assert peer(reply) in a.pod_ips, f"{name}: UDP not through the gateway: {reply!r}"
 
 

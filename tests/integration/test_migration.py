@@ -128,6 +128,13 @@ def client_namespace(k8s: Any) -> Iterator[str]:
 def original_manager(admin: Kube, dev_stack: DevStack) -> Iterator[LeaderLease]:
     """The original's manager Deployment (one ready pod) holding its leader-election lease."""
     admin.delete(DEPLOYMENT, MANAGER_DEPLOYMENT, NAMESPACE)
+    # A manager left by an earlier run must be gone, not terminating: its ready pod would
+    # satisfy the readiness wait below and then vanish under the test.
+    eventually(
+        lambda: admin.get(DEPLOYMENT, MANAGER_DEPLOYMENT, NAMESPACE) is None,
+        60,
+        "an earlier manager Deployment to go",
+    )
     admin.request(
         "POST",
         DEPLOYMENT.path(NAMESPACE),

@@ -64,9 +64,10 @@ def _exec(pod: str, *command: str) -> tuple[int, str]:
 
 
 def _read(pod: str, path: str) -> str:
-    code, out = _exec(pod, "cat", path)
-    assert code == 0, f"cat {path} in {pod}: {out}"
-    return out
+    """The file's bytes only: kubectl's own warnings (stderr) must not land in a parsed table."""
+    res = kubectl("exec", "-n", GATEWAY_NS, pod, "--", "cat", path, timeout=30)
+    assert res.returncode == 0, f"cat {path} in {pod}: {res.stdout}{res.stderr}"
+    return res.stdout
 
 
 def _status_fields(text: str) -> dict[str, str]:
