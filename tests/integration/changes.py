@@ -132,6 +132,8 @@ def run_changes(
     )
     run = ChangesRun(client_ip, [])
     traffic = ContinuousClient(namespace, CLIENT, dns_name, tcp_port)
+    # The changes are to a working gateway: its first answer comes before the first change.
+    eventually(traffic.answered, 60, "the first answer through the gateway")
 
     def phase(label: str, change: Callable[[], object], done: Callable[[Result], bool]) -> None:
         current = Phase(label, boot_clock())

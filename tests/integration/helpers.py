@@ -225,9 +225,21 @@ def sh(
 
 def serve_offline_name(env: dict[str, str], dns_name: str, ip: str | None = None) -> str:
     """Make the offline internet's DNS answer ``dns_name`` (with its test services' address
-    unless ``ip`` says otherwise); it re-reads its hosts file every 2 s. Returns the name."""
+    unless ``ip`` says otherwise) and wait until it does: it re-reads its hosts file every 2 s,
+    and a gateway that looks the name up before that would have no upstream for its first
+    seconds. Returns the name."""
+    from dnslib import QTYPE, DNSRecord
+
+    address = ip or env["EGRESS_DEV_UPSTREAM_IP"]
     with Path(env["EGRESS_DEV_UPSTREAM_HOSTS"]).open("a") as hosts:
-        hosts.write(f"{ip or env['EGRESS_DEV_UPSTREAM_IP']} {dns_name}\n")
+        hosts.write(f"{address} {dns_name}\n")
+    host, port = env["COREDNS_UPSTREAM_ADDR"].rsplit(":", 1)
+
+    def answers() -> bool:
+        reply = DNSRecord.parse(DNSRecord.question(dns_name).send(host, int(port), timeout=2))
+        return address in {str(rr.rdata) for rr in reply.rr if rr.rtype == QTYPE.A}
+
+    eventually(answers, 15, f"the offline DNS to answer {dns_name}")
     return dns_name
 
 
@@ -286,6 +298,10 @@ class ContinuousClient:
         script = f"( {loops_} & wait; echo end ) > {self.log} 2>&1 < /dev/null &"
         res = kubectl("exec", "-n", namespace, pod, "--", "sh", "-c", script)
         assert res.returncode == 0, res.stderr
+
+    def answered(self) -> bool:
+        """Whether some request has been answered by the upstream yet."""
+        return "upstream tcp/" in self._log()
 
     def _log(self) -> str:
         res = kubectl("exec", "-n", self.namespace, self.pod, "--", "cat", self.log)
