@@ -147,6 +147,11 @@ def peer(reply: str) -> str | None:
     return None
 
 
+def answered(reply: str) -> str | None:
+    """The reply if the offline internet's test service sent it."""
+    return reply if peer(reply) else None
+
+
 def resolves_to_gateway(pod: dict[str, Any], gw: Gateway) -> bool:
     out = sh(pod["ns"], pod["metadata"]["name"], f"nslookup {gw.dns_name}").stdout
     return gw.cluster_ip in out
@@ -165,22 +170,16 @@ def test_granted_pod_reaches_the_upstream_by_name_through_its_gateway(
         await_dns(lambda pod=pod: resolves_to_gateway(pod, a), admin, "the hijacked name")
         # A new pod's policies and a new gateway's first upstream lookup take effect within
         # seconds, not at once: the first answer is awaited, then must come from the gateway.
-        reply = eventually(
-            lambda pod=pod: (
-                peer(r := tcp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_TCP_PORT"])) and r
-            ),
-            POLICY_DEADLINE_S,
-            f"{name}: a TCP answer by name",
-        )
-        assert peer(reply) in a.pod_ips, f"{name}: TCP not through the gateway: {reply!r}"
-        reply = eventually(
-            lambda pod=pod: (
-                peer(r := udp(pod, a.dns_name, env["EGRESS_DEV_UPSTREAM_UDP_PORT"])) and r
-            ),
-            POLICY_DEADLINE_S,
-            f"{name}: a UDP answer by name",
-        )
-        assert peer(reply) in a.pod_ips, f"{name}: UDP not through the gateway: {reply!r}"
+        for send, protocol in ((tcp, "TCP"), (udp, "UDP")):
+            port = env[f"EGRESS_DEV_UPSTREAM_{protocol}_PORT"]
+            reply = eventually(
+                lambda pod=pod, send=send, port=port: answered(send(pod, a.dns_name, port)),
+                POLICY_DEADLINE_S,
+                f"{name}: a {protocol} answer by name",
+            )
+            assert peer(reply) in a.pod_ips, (
+                f"{name}: {protocol} not through the gateway: {reply!r}"
+            )
 
 
 def test_nothing_else_gets_through(

@@ -50,6 +50,7 @@ from tests.integration.helpers import (
     set_pods_ready,
     sh,
 )
+from tests.unit.test_envoy import log_formats
 
 pytestmark = pytest.mark.cluster
 
@@ -320,13 +321,7 @@ def test_json_logs_have_the_original_fields_and_omit_empty_values(
     tcp_port, udp_port = upstream_ports(env)
     # The configured formats: exactly the original's 21 fields, empty values omitted.
     config = live_bootstrap(admin, gw.name)
-    formats = [config["admin"]["access_log"][0]["typed_config"]["log_format"]]
-    for listener in config["static_resources"]["listeners"]:
-        if "filter_chains" in listener:
-            proxy = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        else:
-            proxy = listener["listener_filters"][0]["typed_config"]
-        formats.append(proxy["access_log"][0]["typed_config"]["log_format"])
+    formats = log_formats(config)
     assert len(formats) == 4
     for log_format in formats:
         assert set(log_format["json_format"]) == ORIGINAL_JSON_FIELDS

@@ -218,6 +218,19 @@ HIDDEN_FLAGS = {"functions": {"--gen2"}}
 _TERMINATORS = {")", ";", ";;", "&", "&&", "|", "||", ">", ">>", "<", "<<", ">&", "`"}
 
 
+def build_invocations(build: dict[str, Any]) -> list[list[str]]:
+    """Every `gcloud ...` a Cloud Build config runs: gcloud steps' args, and commands in bash
+    steps."""
+    out: list[list[str]] = []
+    for step in build["steps"]:
+        args = [str(a) for a in step.get("args", [])]
+        if step.get("entrypoint") == "gcloud":
+            out.append(args)
+        elif step.get("entrypoint") == "bash":
+            out += shell_invocations(args[-1])
+    return out
+
+
 def shell_invocations(script: str) -> list[list[str]]:
     """The argument lists of every `gcloud ...` command in a shell script (continuation lines
     joined, comments dropped, a command ending at `)`, `;`, `&&`, `||`, `|` or a redirection)."""

@@ -318,18 +318,6 @@ def test_the_corefile_write_grant_follows_manage_coredns_import(
 # -- every gcloud command, against the installed gcloud -------------------------------------
 
 
-def build_invocations() -> list[list[str]]:
-    """Every `gcloud ...` the build runs: gcloud steps' args, and commands in bash steps."""
-    out: list[list[str]] = []
-    for step in BUILD["steps"]:
-        args = [str(a) for a in step.get("args", [])]
-        if step.get("entrypoint") == "gcloud":
-            out.append(args)
-        elif step.get("entrypoint") == "bash":
-            out += gcloud_sdk.shell_invocations(args[-1])
-    return out
-
-
 GUIDES = [REPO / "docs" / "operations.md"]
 
 
@@ -343,7 +331,7 @@ def test_every_gcloud_command_is_known_to_the_installed_gcloud(source: str) -> N
         pytest.skip("gcloud is not installed")
     text = (REPO / source).read_text()
     calls = (
-        build_invocations()
+        gcloud_sdk.build_invocations(BUILD)
         if source == "cloudbuild.yaml"
         else gcloud_sdk.markdown_invocations(text)
     )

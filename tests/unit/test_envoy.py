@@ -200,7 +200,7 @@ def test_the_override_cluster_checks_like_the_original() -> None:
     ]
 
 
-def _log_formats(config: dict[str, Any]) -> list[dict[str, Any]]:
+def log_formats(config: dict[str, Any]) -> list[dict[str, Any]]:
     """Every access-log format of a bootstrap: the admin's, then each listener's."""
     formats = [config["admin"]["access_log"][0]["typed_config"]["log_format"]]
     for listener in config["static_resources"]["listeners"]:
@@ -238,7 +238,7 @@ def test_json_access_logs_carry_the_original_fields_for_proxy_and_admin() -> Non
         envoyJsonClusterAccessLogs=True,
         ports=[{"port": 443}, {"port": 53, "protocol": "UDP"}],
     )
-    formats = _log_formats(bootstrap(svc.name, svc.spec))
+    formats = log_formats(bootstrap(svc.name, svc.spec))
     assert len(formats) == 3  # admin, TCP, UDP
     for log_format in formats:
         assert set(log_format["json_format"]) == ORIGINAL_JSON_FIELDS
@@ -253,7 +253,7 @@ def test_every_access_log_omits_empty_values(case: str) -> None:
     """As the original: text logs print "" for a value Envoy lacks (not "-"), JSON logs leave
     the field out (not null)."""
     svc = CASES[case]
-    for log_format in _log_formats(bootstrap(svc.name, svc.spec)):
+    for log_format in log_formats(bootstrap(svc.name, svc.spec)):
         assert log_format["omit_empty_values"] is True
 
 

@@ -152,24 +152,13 @@ def test_every_account_gets_what_the_build_and_the_product_use(tmp_path: Path) -
         "scheduler": "roles/cloudscheduler.admin",
         "container": "roles/container.admin",  # get-credentials, then the CRD and ClusterRoles
     }
-    groups = {call[0] for call in build_invocations()}
+    groups = {call[0] for call in gcloud_sdk.build_invocations(BUILD)}
     assert groups <= set(needs), (
         f"a gcloud group the setup grants nothing for: {groups - set(needs)}"
     )
     for group in groups:
         assert f"{needs[group]} on {project}" in deployer, group
     assert f"roles/cloudbuild.builds.builder on {project}" in deployer, "it runs the build"
-
-
-def build_invocations() -> list[list[str]]:
-    out: list[list[str]] = []
-    for step in BUILD["steps"]:
-        args = [str(a) for a in step.get("args", [])]
-        if step.get("entrypoint") == "gcloud":
-            out.append(args)
-        elif step.get("entrypoint") == "bash":
-            out += gcloud_sdk.shell_invocations(args[-1])
-    return out
 
 
 def test_the_accounts_are_the_builds(tmp_path: Path) -> None:
