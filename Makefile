@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # Each benchmark is its own module in bench/ printing its figures; run them all in order.
 # They start a dev stack of their own (.cache/dev-bench) and stop it afterwards.

@@ -65,8 +65,8 @@ from access.policy import (
     PolicyIndex,
     parse_network_policy,
 )
-from reconcile import constants as c
-from reconcile.kube import (
+from core import constants as c
+from core.kube import (
     EXTERNAL_SERVICE,
     JOB,
     NAMESPACE,
@@ -76,7 +76,7 @@ from reconcile.kube import (
     SERVICE,
     Kube,
 )
-from reconcile.settings import DEFAULT_GATEWAY_NAMESPACE, Settings
+from core.settings import DEFAULT_GATEWAY_NAMESPACE, Settings
 
 Obj = Mapping[str, Any]
 
@@ -409,7 +409,7 @@ def _is_gateway_service(obj: Obj, gateway_namespace: str) -> bool:
 
 
 def gateway_pod_labels(name: str) -> Labels:
-    """The labels the gateway's Deployment gives its pods (reconcile.render.gateway_labels)."""
+    """The labels the gateway's Deployment gives its pods (gateway.render.gateway_labels)."""
     return Labels({c.LABEL_APP: c.APP_VALUE, c.LABEL_GATEWAY: name})
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
 from access.model import Audit, Finding, Row, WorkloadAccess, WorkloadKey
-from reconcile import constants as c
+from core import constants as c
 
 # -- tables -------------------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ stack kept with EGRESS_DEV_KEEP=1 reuses what is there):
 
 - 1,000 ExternalServices (a tenth with two ports, a few on 5432 or DNS over UDP and TCP, one in
   twenty with an ipOverride in 10.0.0.0/8), each with the gateway Service and NetworkPolicy the
-  reconciler renders (``reconcile.render``, applied under its field manager) and one gateway pod
+  reconciler renders (``gateway.render``, applied under its field manager) and one gateway pod
   made from its Deployment's pod template. No gateway Deployments: their pods would run, 1,000
   Envoys on 2 cores; the audit reads pods, not Deployments.
 - 500 namespaces: half with the README's default-deny egress example
@@ -62,7 +62,7 @@ from bench._common import rss_kb
 from bench.stack import REPO, bench_stack
 
 if TYPE_CHECKING:
-    from reconcile.kube import Kube, Resource
+    from core.kube import Kube, Resource
 
 Obj = dict[str, Any]
 
@@ -101,7 +101,7 @@ def _mib(kib: int) -> float:
 
 
 def _es_body(i: int) -> Obj:
-    from reconcile import constants as c
+    from core import constants as c
 
     name = _es_name(i)
     spec: Obj = {"dnsName": f"{name}.example.com", "ports": [{"port": 443}], "minReplicas": 1}
@@ -137,7 +137,7 @@ def _policies(i: int) -> list[Obj]:
     """The namespace's NetworkPolicies, by i % 10: 0-4 the default-deny example, 5-6 a
     default-deny that forgets the gateway namespace, 7 the example plus an internet opening for
     ``worker`` and an ingress policy, 8 none, 9 an ingress-only policy."""
-    from reconcile.settings import DEFAULT_GATEWAY_NAMESPACE
+    from core.settings import DEFAULT_GATEWAY_NAMESPACE
 
     example = _default_deny_example()
     same_namespace: Obj = {
@@ -197,7 +197,7 @@ def _policies(i: int) -> list[Obj]:
 
 def _grants(i: int, n_es: int) -> dict[str, dict[str, str]]:
     """Grant labels per workload of namespace ``i``."""
-    from reconcile import constants as c
+    from core import constants as c
 
     def es(k: int) -> str:
         return _es_name(k % n_es)
@@ -278,7 +278,7 @@ class Creator:
         self.created: Counter[str] = Counter()
 
     def load(self, resources: list[Resource], gateway_namespace: str) -> None:
-        from reconcile.kube import NETWORK_POLICY, POD, SERVICE
+        from core.kube import NETWORK_POLICY, POD, SERVICE
 
         for res in resources:
             items, _ = self.admin.list_all(res, label_selector=SELECTOR)
@@ -296,7 +296,7 @@ class Creator:
         return (kind, namespace, name) in self.live
 
     def ensure(self, res: Resource, obj: Obj, namespace: str | None = None) -> Obj:
-        from reconcile.errors import PermanentError
+        from core.errors import PermanentError
 
         key = (res.kind, namespace or "", obj["metadata"]["name"])
         found = self.live.get(key)
@@ -331,10 +331,10 @@ class Creator:
 
 def _gateway(creator: Creator, i: int) -> None:
     """An ExternalService and what the reconciler would make of it for the audit to read."""
-    from reconcile import render
-    from reconcile.hijack import HijackState
-    from reconcile.kube import EXTERNAL_SERVICE, NETWORK_POLICY, POD, SERVICE
-    from reconcile.spec import parse_external_service
+    from core.hijack import HijackState
+    from core.kube import EXTERNAL_SERVICE, NETWORK_POLICY, POD, SERVICE
+    from core.spec import parse_external_service
+    from gateway import render
     from tests.integration.helpers import dev_settings
 
     settings = dev_settings()
@@ -367,7 +367,7 @@ def _deployment(
     creator: Creator, ns: str, app: str, sets: list[tuple[dict[str, str], int]]
 ) -> None:
     """A paused Deployment and its ReplicaSets (the last one current), each with its pods."""
-    from reconcile.kube import DEPLOYMENT, POD, REPLICA_SET
+    from core.kube import DEPLOYMENT, POD, REPLICA_SET
 
     base = {"app": app, "app.kubernetes.io/name": app, "app.kubernetes.io/part-of": ns}
     current = {**base, **sets[-1][0]}
@@ -423,7 +423,7 @@ def _deployment(
 
 def _job(creator: Creator, ns: str, name: str, grants: dict[str, str], owner: Obj | None) -> None:
     """A Job nobody manages (``managedBy``) and its one pod."""
-    from reconcile.kube import JOB, POD
+    from core.kube import JOB, POD
 
     app = name.split("-")[0]
     job = creator.ensure(
@@ -452,7 +452,7 @@ CRON_JOB_RESOURCE = ("batch/v1", "CronJob", "cronjobs")
 
 
 def _namespace(creator: Creator, i: int, n_es: int) -> None:
-    from reconcile.kube import NETWORK_POLICY, POD, Resource
+    from core.kube import NETWORK_POLICY, POD, Resource
 
     cron_job = Resource(*CRON_JOB_RESOURCE)
     ns = _ns_name(i)
@@ -496,7 +496,7 @@ def _parallel(fn: Callable[[int], None], n: int) -> None:
 
 
 def setup(admin: Kube, n_es: int, n_ns: int) -> dict[str, Any]:
-    from reconcile.kube import (
+    from core.kube import (
         DEPLOYMENT,
         EXTERNAL_SERVICE,
         JOB,
@@ -506,7 +506,7 @@ def setup(admin: Kube, n_es: int, n_ns: int) -> dict[str, Any]:
         REPLICA_SET,
         Resource,
     )
-    from reconcile.settings import DEFAULT_GATEWAY_NAMESPACE
+    from core.settings import DEFAULT_GATEWAY_NAMESPACE
 
     creator = Creator(admin)
     t = time.perf_counter()
@@ -563,7 +563,7 @@ def settle(admin: Kube, quiet_writes_per_s: float = 2.0, window_s: float = 6.0) 
 
 def check(admin: Kube, n_es: int, n_ns: int) -> dict[str, int]:
     """What the controllers did to our objects: pods must all be there, still owned."""
-    from reconcile.kube import POD
+    from core.kube import POD
 
     pods, _ = admin.list_all(POD, label_selector=SELECTOR)
     owned = Counter(
@@ -576,8 +576,8 @@ def check(admin: Kube, n_es: int, n_ns: int) -> dict[str, int]:
 
 def cleanup(admin: Kube) -> None:
     """Remove everything this benchmark made (namespaces take a while to go)."""
-    from reconcile.kube import EXTERNAL_SERVICE, NAMESPACE, POD
-    from reconcile.settings import DEFAULT_GATEWAY_NAMESPACE
+    from core.kube import EXTERNAL_SERVICE, NAMESPACE, POD
+    from core.settings import DEFAULT_GATEWAY_NAMESPACE
 
     query = [("labelSelector", SELECTOR)]
     admin.request("DELETE", POD.path(DEFAULT_GATEWAY_NAMESPACE), query=query)
@@ -595,9 +595,9 @@ def cleanup(admin: Kube) -> None:
 def child_cli(argv: list[str]) -> int:
     """Run `egressctl ARGV` in this process and write the client's request counters to
     $BENCH_ACCESS_STATS (the CLI makes one client: count its requests)."""
+    from core.kube import Kube
     from egressctl import access_cmds
     from egressctl.cli import main as cli_main
-    from reconcile.kube import Kube
 
     clients: list[Kube] = []
 
@@ -645,8 +645,8 @@ def child_phases(argv: list[str]) -> int:
 
     from access.model import audit, snapshot_from_kube
     from access.report import all_view, matrix, matrix_csv, matrix_svg, render_view
-    from reconcile.kube import Kube, api_client_from_kubeconfig
-    from reconcile.settings import Settings
+    from core.kube import Kube, api_client_from_kubeconfig
+    from core.settings import Settings
 
     def peak() -> float:
         return _mib(_peak_kib())
@@ -895,7 +895,7 @@ def main() -> int:
     n_ns = int(os.environ.get("BENCH_NS", "500"))
     repeat = int(os.environ.get("BENCH_REPEAT", "3"))
     t_all = time.perf_counter()
-    from reconcile.kube import Kube, api_client_from_kubeconfig
+    from core.kube import Kube, api_client_from_kubeconfig
 
     keep = os.environ.get("EGRESS_DEV_KEEP") == "1"
     was_running = _stack_running()

@@ -31,10 +31,10 @@ from typing import Any
 
 from bench._common import percentile
 from bench.stack import REPO, bench_stack
-from reconcile import constants as c
+from core import constants as c
+from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
 from reconcile.app import build_reconciler
 from reconcile.controller import Outcome, Reconciler
-from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
 from tests.integration.changes import run_changes
 from tests.integration.helpers import (
     GATEWAY_NS,

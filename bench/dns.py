@@ -21,18 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dnslib import QTYPE, DNSRecord
 
 from bench.stack import bench_stack
-from dns.delivery import DnsDelivery
-from dns.render import MAX_CONFIGMAP_BYTES, Claim, render
-from reconcile import constants as c
-from reconcile.app import build_reconciler
-from reconcile.kube import (
+from core import constants as c
+from core.kube import (
     EXTERNAL_SERVICE,
     GATEWAY_KINDS,
     SERVICE,
     Kube,
     api_client_from_kubeconfig,
 )
-from reconcile.settings import Settings
+from core.settings import Settings
+from dns.delivery import DnsDelivery
+from dns.render import MAX_CONFIGMAP_BYTES, Claim, render
+from reconcile.app import build_reconciler
 from tests.integration.helpers import create_es, dev_settings, external_service, set_pods_ready
 
 NS = "egress-operator-system"

@@ -26,9 +26,9 @@ TOPIC = "bench-exporter-events"
 
 
 def main() -> None:
+    from core import constants as c
+    from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
     from egressctl.pipeline import LocalPipeline, PipelineConfig, free_port
-    from reconcile import constants as c
-    from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 
     with bench_stack() as env:
         admin = Kube(api_client_from_kubeconfig(env["KUBECONFIG"]))

@@ -28,10 +28,10 @@ NAME = "bench-cold"
 
 
 def main() -> None:
+    from core import constants as c
+    from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
+    from core.notice import Notice
     from egressctl.pipeline import LocalPipeline, PipelineConfig, free_port
-    from functions.notice import Notice
-    from reconcile import constants as c
-    from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 
     with bench_stack() as env:
         admin = Kube(api_client_from_kubeconfig(env["KUBECONFIG"]))

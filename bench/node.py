@@ -23,9 +23,9 @@ from pathlib import Path
 
 from bench._common import percentile
 from bench.stack import REPO, bench_stack
-from reconcile import constants as c
+from core import constants as c
+from core.kube import DEPLOYMENT, Kube, api_client_from_kubeconfig
 from reconcile.app import build_reconciler
-from reconcile.kube import DEPLOYMENT, Kube, api_client_from_kubeconfig
 from tests.integration.helpers import (
     GATEWAY_NS,
     create_es,

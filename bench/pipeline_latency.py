@@ -20,9 +20,9 @@ UPDATES_PER_SERVICE = 10
 
 
 def main() -> None:
+    from core import constants as c
+    from core.kube import EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
     from egressctl.pipeline import LocalPipeline, PipelineConfig
-    from reconcile import constants as c
-    from reconcile.kube import EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
 
     with bench_stack() as env:
         pipeline = LocalPipeline(

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bench.stack import REPO, bench_stack
-from reconcile import constants as c
+from core import constants as c
+from core.kube import EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, api_client_from_kubeconfig
+from core.settings import Settings
 from reconcile.app import build_reconciler
-from reconcile.kube import EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, api_client_from_kubeconfig
-from reconcile.settings import Settings
 from tests.integration.helpers import create_es, dev_settings, external_service
 
 PREFIX = "bench-"

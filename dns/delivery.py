@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core import constants as c
+from core.errors import PermanentError, ReconcileError, TransientError
+from core.hijack import HijackState
+from core.kube import CONFIGMAP, ENDPOINT_SLICE, POD, SERVICE, Kube, Obj
+from core.settings import Settings
 from dns import corefile
 from dns.render import SETTLE_KEY, Claim, Rendered, render, rules_only, settled
-from reconcile import constants as c
-from reconcile.errors import PermanentError, ReconcileError, TransientError
-from reconcile.hijack import HijackState
-from reconcile.kube import CONFIGMAP, ENDPOINT_SLICE, POD, SERVICE, Kube, Obj
-from reconcile.settings import Settings
 
 MAX_ATTEMPTS = 8
 # Longer than a nudged delivery (about a second) plus CoreDNS's `reload 2s` and its jitter, so

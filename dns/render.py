@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from reconcile.spec import check_dns_name, is_metadata_name
+from core.spec import check_dns_name, is_metadata_name
 
 HEADER = "# Managed by egress-gateways: one rewrite per hijacked ExternalService. Do not edit.\n"
 KEY_PREFIX = "egress-gateways-"

@@ -37,9 +37,9 @@ from access.report import (
     service_view,
     workload_view,
 )
-from reconcile.errors import PermanentError, TransientError
-from reconcile.kube import Kube, api_client_from_kubeconfig
-from reconcile.settings import Settings, SettingsError
+from core.errors import PermanentError, TransientError
+from core.kube import Kube, api_client_from_kubeconfig
+from core.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_TRANSIENT = 1

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reconcile import constants as c
+from core import constants as c
 
 DEMO_NAME = "offline-echo"
 DEMO_NAMESPACE = "egress-demo"

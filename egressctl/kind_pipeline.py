@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.settings import DEFAULT_DELETE_GRACE_S
 from egressctl.pipeline import FUNCTIONS, LocalPipeline, PipelineConfig
-from reconcile.settings import DEFAULT_DELETE_GRACE_S
 
 DEFAULT_PROJECT = "egress-kind"
 # A real cluster gets the product's DEFAULT_DELETE_GRACE_S (DNS moves in seconds with the

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from core.errors import PermanentError, TransientError
+from core.settings import Settings, SettingsError
 from reconcile import migration as m
-from reconcile.errors import PermanentError, TransientError
-from reconcile.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_TRANSIENT = 1
@@ -91,7 +91,7 @@ def register(subparsers: Any) -> None:
 
 
 def _kube(args: argparse.Namespace) -> Any:
-    from reconcile.kube import Kube, api_client_from_kubeconfig
+    from core.kube import Kube, api_client_from_kubeconfig
 
     return Kube(api_client_from_kubeconfig(args.kubeconfig, args.context))
 

@@ -16,11 +16,11 @@ import os
 import sys
 from typing import Any
 
+from core.errors import PermanentError, TransientError
+from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
+from core.settings import Settings, SettingsError
 from reconcile.app import build_reconciler
 from reconcile.controller import Change, Outcome, Reconciler, Result, SweepReport
-from reconcile.errors import PermanentError, TransientError
-from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
-from reconcile.settings import Settings, SettingsError
 
 EXIT_OK = 0
 EXIT_TRANSIENT = 1

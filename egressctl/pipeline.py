@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.notice import DEFAULT_EVENTS_TOPIC, DEFAULT_SWEEP_TOPIC
 from egressctl.devstack.procs import ProcRecord, is_running, spawn, stop, wait_for
-from functions.settings import DEFAULT_EVENTS_TOPIC, DEFAULT_SWEEP_TOPIC
 
 EVENT_FUNCTION = "on_event"
 SWEEP_FUNCTION = "on_sweep"

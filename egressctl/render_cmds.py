@@ -15,17 +15,17 @@ from typing import Any, TextIO
 
 import yaml
 
-from reconcile.hijack import next_hijack_state
-from reconcile.render import render
-from reconcile.settings import Settings, SettingsError
-from reconcile.spec import (
+from core.hijack import next_hijack_state
+from core.settings import Settings, SettingsError
+from core.spec import (
     DEFAULT_CEILINGS,
     Ceilings,
     ExternalService,
     InvalidExternalService,
     parse_external_service,
 )
-from reconcile.yamlio import dump_all
+from core.yamlio import dump_all
+from gateway.render import render
 
 EXIT_OK = 0
 EXIT_INVALID = 2

@@ -217,7 +217,7 @@ def apply_examples(kubeconfig: str, directory: Path, max_min_replicas: int) -> l
     with ``minReplicas`` capped so that every example gets a pod on a small local node."""
     import yaml
 
-    from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
+    from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 
     kube = Kube(api_client_from_kubeconfig(kubeconfig))
     names: list[str] = []
@@ -259,8 +259,8 @@ def converged(obj: dict[str, Any] | None) -> bool:
 
 
 def wait_converged(kubeconfig: str, names: list[str], timeout_s: float) -> bool:
+    from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
     from egressctl.devstack.procs import wait_for
-    from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 
     kube = Kube(api_client_from_kubeconfig(kubeconfig))
     t0 = time.monotonic()
@@ -284,8 +284,8 @@ def print_status(kubeconfig: str) -> None:
 
 def print_dns(dev_env: dict[str, str]) -> None:
     """Ask cluster DNS for each hijacking ExternalService's name, as a pod would."""
+    from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
     from egressctl.optional import needed
-    from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 
     with needed("dnslib", "egressctl run's DNS answers"):
         from dnslib import DNSRecord

@@ -17,11 +17,11 @@ from collections.abc import Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from core import logs
+from core.notice import Notice
 from exporter.publisher import PubSubPublisher
 from exporter.settings import ExporterSettings, ExporterSettingsError
 from exporter.watch import Exporter
-from functions import logs
-from functions.notice import Notice
 
 log = logs.get("exporter")
 
@@ -82,7 +82,7 @@ def run(env: Mapping[str, str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.project)
-    from reconcile.kube import Kube, api_client_from_kubeconfig, api_client_in_cluster
+    from core.kube import Kube, api_client_from_kubeconfig, api_client_in_cluster
 
     if settings.kubeconfig or not env.get("KUBERNETES_SERVICE_HOST"):
         api = api_client_from_kubeconfig(settings.kubeconfig)

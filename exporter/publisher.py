@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from functions.notice import Notice
+from core.notice import Notice
 
 
 class Publisher(Protocol):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from functions.settings import DEFAULT_EVENTS_TOPIC
-from reconcile.envreader import EnvReader
-from reconcile.settings import DEFAULT_GATEWAY_NAMESPACE
+from core.envreader import EnvReader
+from core.notice import DEFAULT_EVENTS_TOPIC
+from core.settings import DEFAULT_GATEWAY_NAMESPACE
 
 
 class ExporterSettingsError(ValueError):

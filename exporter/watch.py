@@ -24,13 +24,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from core import constants as c
+from core import logs
+from core.errors import PermanentError, TransientError, classify
+from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, Gone, Kube, Obj, Resource
+from core.notice import Notice
 from exporter.publisher import Publisher
 from exporter.settings import ExporterSettings
-from functions import logs
-from functions.notice import Notice
-from reconcile import constants as c
-from reconcile.errors import PermanentError, TransientError, classify
-from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, Gone, Kube, Obj, Resource
 
 log = logs.get("exporter")
 Clock = Callable[[], dt.datetime]

@@ -36,7 +36,7 @@ GKE_API_TIMEOUT_S = 30
 
 def api_client(settings: PipelineSettings, env: Mapping[str, str]) -> Any:
     """An ApiClient for the configured mode (imports the kubernetes client: call it lazily)."""
-    from reconcile.kube import api_client_from_kubeconfig, api_client_in_cluster
+    from core.kube import api_client_from_kubeconfig, api_client_in_cluster
 
     mode = settings.credential_mode(env)
     if mode == "gke":

@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from functions import logs
-from functions.notice import (
+from core import logs
+from core.notice import (
     BadNotice,
     Malformed,
     Notice,
@@ -41,8 +41,8 @@ from functions.notice import (
     preview,
     valid_name,
 )
+from core.settings import Settings
 from functions.settings import MAX_CLOCK_SKEW_S, PipelineSettings
-from reconcile.settings import Settings
 
 log = logs.get("functions")
 
@@ -78,8 +78,8 @@ class Runtime:
     def kube(self) -> Any:
         with self._lock:
             if self._kube is None:
+                from core.kube import Kube
                 from functions.credentials import api_client
-                from reconcile.kube import Kube
 
                 factory = self.api_client_factory or (lambda: api_client(self.pipeline, self.env))
                 self._kube = Kube(factory())
@@ -230,8 +230,8 @@ def reconcile_logged(
 
     Returns the result as a dict; raises TransientError (and unexpected errors) for a retry.
     """
+    from core.errors import PermanentError, TransientError
     from reconcile.controller import Outcome
-    from reconcile.errors import PermanentError, TransientError
 
     t0 = started if started is not None else time.monotonic()
     extra: dict[str, Any] = {"dryRun": dry_run} if dry_run else {}
@@ -341,7 +341,7 @@ def _age_s(rt: Runtime, raw_time: object) -> float | None:
 
 
 def sweep_logged(rt: Runtime, *, dry_run: bool, started: float | None = None) -> dict[str, Any]:
-    from reconcile.errors import PermanentError, TransientError
+    from core.errors import PermanentError, TransientError
 
     t0 = started if started is not None else time.monotonic()
     try:
@@ -437,7 +437,7 @@ def handle_repair(rt: Runtime, request: Any) -> tuple[str, int, dict[str, str]]:
                 log, level, f"repair: bad request: {reason}", outcome="bad-request", reason=reason
             )
             return _json({"error": reason}), 400, headers
-        from reconcile.errors import TransientError
+        from core.errors import TransientError
 
         try:
             if name is None:

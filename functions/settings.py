@@ -1,6 +1,6 @@
 """Settings of the event pipeline (topics, message limits, cluster credentials), read once.
 
-Kept apart from ``reconcile.settings`` (what a gateway looks like) because they describe how the
+Kept apart from ``core.settings`` (what a gateway looks like) because they describe how the
 reconciler is reached and fed, not what it renders; the exporter and the local runner read the
 same variables so that one environment configures every part. A bad value stops start-up with a
 message naming the variable.
@@ -12,10 +12,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from reconcile.envreader import EnvReader
+from core.envreader import EnvReader
+from core.notice import DEFAULT_EVENTS_TOPIC, DEFAULT_SWEEP_TOPIC
 
-DEFAULT_EVENTS_TOPIC = "egress-events"
-DEFAULT_SWEEP_TOPIC = "egress-sweep"
 # Older notices are acknowledged and left to the sweep (Cloud Scheduler runs it every few
 # minutes): replaying a long backlog one object at a time is slower than one sweep.
 DEFAULT_MAX_EVENT_AGE_S = 600

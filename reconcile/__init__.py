@@ -1,5 +1,9 @@
-"""The reconciler: from an ExternalService and settings to the gateway objects a cluster must hold.
+"""Orchestration: the controller that observes an ExternalService, converges its gateway objects
+and DNS claim, finalizes deletions and sweeps the cluster, plus the migration from the original
+operator.
 
-Pure parts (spec parsing, settings, rendering) never touch the network or ``os.environ`` beyond
-``Settings.from_env``; Kubernetes I/O lives in one module of its own.
+Layers (enforced by ``.importlinter`` in ``make lint``): ``core`` (spec, settings, names,
+errors, the Kubernetes client) at the bottom; ``gateway``, ``dns`` and ``access`` (pure rendering
+and the DNS delivery) above it; this package above those; the entry points (``functions``,
+``exporter``, ``egressctl``, ``main.py``) on top.
 """

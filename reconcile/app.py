@@ -6,10 +6,10 @@ they all run the same reconciler, including its cluster-DNS delivery.
 
 from __future__ import annotations
 
+from core.kube import Kube
+from core.settings import Settings
 from dns.delivery import DnsDelivery
 from reconcile.controller import Clock, Reconciler, utcnow
-from reconcile.kube import Kube
-from reconcile.settings import Settings
 
 
 def build_reconciler(kube: Kube, settings: Settings, *, clock: Clock = utcnow) -> Reconciler:

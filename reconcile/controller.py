@@ -20,15 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from dns.delivery import DnsDelivery, DnsReport, DnsVerdicts, claims_from_services
-from dns.render import Claim, normalize_dns_name
-from dns.render import render as render_dns
-from reconcile import constants as c
-from reconcile.drift import FieldDiff, diff, with_applied_hash
-from reconcile.errors import PermanentError, ReconcileError, TransientError
-from reconcile.fights import Fight, TakeBack, applied_at, condition_message, encode, fights, memory
-from reconcile.hijack import HijackState, next_hijack_state
-from reconcile.kube import (
+from core import constants as c
+from core.errors import PermanentError, ReconcileError, TransientError
+from core.hijack import HijackState, next_hijack_state
+from core.kube import (
     BY_KIND,
     DEPLOYMENT,
     EXTERNAL_SERVICE,
@@ -39,9 +34,14 @@ from reconcile.kube import (
     Obj,
     field_conflicts,
 )
-from reconcile.render import render
-from reconcile.settings import Settings
-from reconcile.spec import ExternalService, InvalidExternalService, parse_external_service
+from core.settings import Settings
+from core.spec import ExternalService, InvalidExternalService, parse_external_service
+from dns.delivery import DnsDelivery, DnsReport, DnsVerdicts, claims_from_services
+from dns.render import Claim, normalize_dns_name
+from dns.render import render as render_dns
+from gateway.render import render
+from reconcile.drift import FieldDiff, diff, with_applied_hash
+from reconcile.fights import Fight, TakeBack, applied_at, condition_message, encode, fights, memory
 
 Clock = Callable[[], dt.datetime]
 # Condition messages stay readable in `kubectl describe` (the API server's own limit is 32 KiB).

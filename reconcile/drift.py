@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from reconcile import constants as c
+from core import constants as c
 
 
 def _is_quantity(path: str) -> bool:

@@ -29,7 +29,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from reconcile import constants as c
+from core import constants as c
 
 Obj = dict[str, Any]
 

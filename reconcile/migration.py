@@ -1,7 +1,7 @@
 """Switching a cluster from Monzo's original egress-operator to this product, and back.
 
 ``plan_migration`` reads the cluster and says what ``apply_migration`` would do; both do I/O
-only through :class:`reconcile.kube.Kube`. The migration, in order:
+only through :class:`core.kube.Kube`. The migration, in order:
 
 1. **The original controller must be stopped.** While its manager Deployment has replicas, or
    one of its leader-election locks is fresh, the two controllers rewrite each other's fields on
@@ -40,13 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dns.corefile import check as check_corefile
-from dns.corefile import tokenize
-from reconcile import constants as c
-from reconcile.drift import diff
-from reconcile.errors import PermanentError
-from reconcile.hijack import HijackState, next_hijack_state
-from reconcile.kube import (
+from core import constants as c
+from core.errors import PermanentError
+from core.hijack import HijackState, next_hijack_state
+from core.kube import (
     CONFIGMAP,
     DEPLOYMENT,
     ENDPOINT_SLICE,
@@ -57,9 +54,12 @@ from reconcile.kube import (
     Obj,
     Resource,
 )
-from reconcile.render import render
-from reconcile.settings import Settings, SettingsError
-from reconcile.spec import InvalidExternalService, parse_external_service
+from core.settings import Settings, SettingsError
+from core.spec import InvalidExternalService, parse_external_service
+from dns.corefile import check as check_corefile
+from dns.corefile import tokenize
+from gateway.render import render
+from reconcile.drift import diff
 
 CRD = Resource(
     "apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", False

@@ -21,9 +21,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from core.kube import Kube, Resource, api_client_from_kubeconfig
 from functions.credentials import api_client
 from functions.settings import PipelineSettings
-from reconcile.kube import Kube, Resource, api_client_from_kubeconfig
 from tests.conftest import DevStack
 
 pytestmark = pytest.mark.cluster

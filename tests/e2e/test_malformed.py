@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from core import constants as c
+from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
+from core.notice import Notice
 from egressctl.pipeline import EVENT_FUNCTION, LocalPipeline
-from functions.notice import Notice
-from reconcile import constants as c
-from reconcile.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 from tests.conftest import DevStack
 from tests.e2e.helpers import fingerprint, log_entries, log_size
 from tests.integration.helpers import children, create_es, eventually, external_service, purge

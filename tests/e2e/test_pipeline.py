@@ -19,15 +19,8 @@ from typing import Any
 
 import pytest
 
-from egressctl.devstack.procs import spawn, stop, wait_for
-from egressctl.devstack.stack import Layout, load_state, pubsub_emulator_command, save_state
-from egressctl.pipeline import EVENT_FUNCTION, REPAIR_FUNCTION, LocalPipeline
-from exporter.publisher import PubSubPublisher
-from exporter.settings import ExporterSettings
-from exporter.watch import Exporter
-from functions.notice import Notice
-from reconcile import constants as c
-from reconcile.kube import (
+from core import constants as c
+from core.kube import (
     CONFIGMAP,
     DEPLOYMENT,
     EXTERNAL_SERVICE,
@@ -35,6 +28,13 @@ from reconcile.kube import (
     Kube,
     api_client_from_kubeconfig,
 )
+from core.notice import Notice
+from egressctl.devstack.procs import spawn, stop, wait_for
+from egressctl.devstack.stack import Layout, load_state, pubsub_emulator_command, save_state
+from egressctl.pipeline import EVENT_FUNCTION, REPAIR_FUNCTION, LocalPipeline
+from exporter.publisher import PubSubPublisher
+from exporter.settings import ExporterSettings
+from exporter.watch import Exporter
 from tests.conftest import REPO, DevStack
 from tests.e2e.conftest import DELETE_GRACE_S
 from tests.e2e.helpers import HoldProxy, fingerprint, log_entries, log_size

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconcile import constants as c
+from core import constants as c
+from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, POD, SERVICE, Kube
 from reconcile.controller import Outcome, Reconciler, Result
-from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, POD, SERVICE, Kube
 from tests.integration.helpers import (
     GATEWAY_NS,
     ContinuousClient,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconcile.kube import Kube, api_client_from_kubeconfig
+from core.kube import Kube, api_client_from_kubeconfig
 from tests.conftest import DevStack
 
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from reconcile import constants as c
-from reconcile.kube import DEPLOYMENT, EXTERNAL_SERVICE, GATEWAY_KINDS, POD, Kube
-from reconcile.settings import Settings
+from core import constants as c
+from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, GATEWAY_KINDS, POD, Kube
+from core.settings import Settings
 
 T = TypeVar("T")
 GATEWAY_NS = "egress-operator-system"

@@ -34,10 +34,9 @@ from typing import Any
 
 import yaml
 
-from reconcile import constants as c
-from reconcile.envoy import admin_port, bootstrap_yaml, config_hash
-from reconcile.errors import PermanentError
-from reconcile.kube import (
+from core import constants as c
+from core.errors import PermanentError
+from core.kube import (
     CONFIGMAP,
     DEPLOYMENT,
     NETWORK_POLICY,
@@ -45,8 +44,9 @@ from reconcile.kube import (
     Kube,
     Resource,
 )
+from core.spec import parse_external_service
+from gateway.envoy import admin_port, bootstrap_yaml, config_hash
 from reconcile.migration import CRD, LEASE
-from reconcile.spec import parse_external_service
 
 ORIGINAL_MANAGER = "manager"
 NAMESPACE = "egress-operator-system"

@@ -2,7 +2,7 @@
 
 Why: least privilege written by hand drifts both ways (a verb the code stopped using stays
 granted; a new request is refused in production only). Here every request of a scenario is
-recorded at the client boundary (``ApiClient.call_api``, below ``reconcile.kube.Kube`` and the
+recorded at the client boundary (``ApiClient.call_api``, below ``core.kube.Kube`` and the
 exporter's raw watch), mapped to the access the API server authorises (verb, group, resource,
 namespace, name), and compared with the grants that infra/'s manifests give the identity. The
 comparison fails on a missing grant and on anything broader: an unused verb, a namespaced kind
@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from reconcile import constants as c
+from core import constants as c
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -34,9 +34,8 @@ import pytest
 import yaml
 
 from access.model import Audit, audit, snapshot_from_kube
-from reconcile import constants as c
-from reconcile.app import build_reconciler
-from reconcile.kube import (
+from core import constants as c
+from core.kube import (
     DEPLOYMENT,
     JOB,
     NAMESPACE,
@@ -46,6 +45,7 @@ from reconcile.kube import (
     Resource,
     api_client_from_kubeconfig,
 )
+from reconcile.app import build_reconciler
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,

@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
-from reconcile import constants as c
+from core import constants as c
+from core.kube import SERVICE, Kube, api_client_from_kubeconfig
 from reconcile.app import build_reconciler
-from reconcile.kube import SERVICE, Kube, api_client_from_kubeconfig
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from core.kube import Kube, api_client_from_kubeconfig
 from reconcile.app import build_reconciler
 from reconcile.controller import Reconciler
-from reconcile.kube import Kube, api_client_from_kubeconfig
 from tests.conftest import DevStack
 from tests.integration.changes import PHASES, run_changes
 from tests.integration.helpers import dev_settings, purge

@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from dnslib import QTYPE, DNSRecord
 
+from core.kube import SERVICE, Kube
 from dns.corefile import ensure_import
 from dns.render import KEY_SUFFIX, Rule, settled, shard, target_name
-from reconcile.kube import SERVICE, Kube
 from tests.conftest import DevStack
 from tests.unit.test_corefile import CASES, LEFT_OPEN, REFUSED, sample_corefile
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from reconcile import constants as c
+from core import constants as c
+from core.kube import CONFIGMAP, SERVICE, Kube
 from reconcile.app import build_reconciler
 from reconcile.controller import Reconciler
-from reconcile.kube import CONFIGMAP, SERVICE, Kube
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,
@@ -56,7 +56,7 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def reconciler(dev_stack: DevStack) -> Reconciler:
-    from reconcile.kube import api_client_from_kubeconfig
+    from core.kube import api_client_from_kubeconfig
 
     kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
     return build_reconciler(
@@ -84,7 +84,7 @@ def make_gateway(admin: Kube, reconciler: Reconciler, env: dict[str, str], name:
 
 @pytest.fixture(scope="module")
 def gateways(dev_stack: DevStack, reconciler: Reconciler) -> Iterator[tuple[Gateway, Gateway]]:
-    from reconcile.kube import api_client_from_kubeconfig
+    from core.kube import api_client_from_kubeconfig
 
     admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
     suffix = uuid.uuid4().hex[:6]
@@ -227,7 +227,7 @@ def test_client_sees_the_real_address_until_ready_then_the_gateway_for_good(
     """Hijack timing from a client pod: before a gateway pod is ready the name resolves to the
     upstream's real address; once ready, to the gateway's ClusterIP; a readiness blip of the
     gateway does not flip it back (the hijack state stays ``true``)."""
-    from reconcile.kube import api_client_from_kubeconfig
+    from core.kube import api_client_from_kubeconfig
 
     env = dev_stack.env
     admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))
@@ -273,7 +273,7 @@ def test_ip_override_serves_while_healthy_and_dns_takes_over_when_it_stops(
 ) -> None:
     """ipOverride endpoints are used while their TCP health checks pass; when the override
     stops answering, the gateway falls back to the DNS destination with no manual step."""
-    from reconcile.kube import api_client_from_kubeconfig
+    from core.kube import api_client_from_kubeconfig
 
     env = dev_stack.env
     admin = Kube(api_client_from_kubeconfig(dev_stack.kubeconfig))

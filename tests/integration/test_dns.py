@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 from dnslib import QTYPE, DNSRecord
 
+from core.kube import CONFIGMAP, EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
+from core.settings import Settings
 from dns.delivery import DnsDelivery
 from reconcile.app import build_reconciler
 from reconcile.controller import Outcome, Reconciler
-from reconcile.kube import CONFIGMAP, EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
-from reconcile.settings import Settings
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,
@@ -113,8 +113,8 @@ def test_each_dns_write_nudges_the_coredns_pods_with_its_version(
 ) -> None:
     """After a write, every CoreDNS pod carries the rules ConfigMap's new resourceVersion; with
     the nudge switched off, a write leaves the pods alone."""
-    from reconcile.constants import ANNOTATION_DNS_RULES_VERSION as KEY
-    from reconcile.kube import POD
+    from core.constants import ANNOTATION_DNS_RULES_VERSION as KEY
+    from core.kube import POD
 
     def versions() -> set[str]:
         pods, _ = admin.list_all(POD, "kube-system", label_selector="k8s-app=kube-dns")
@@ -150,11 +150,11 @@ def test_quiet_rules_are_settled_once_and_the_next_write_drops_the_marker(
     write drops the marker, so the next quiet sync settles again."""
     import datetime as dt
 
+    from core.constants import ANNOTATION_DNS_RULES_VERSION as KEY
+    from core.kube import POD
     from dns.delivery import SETTLE_AFTER_S
     from dns.render import SETTLE_KEY, SETTLE_TEXT
-    from reconcile.constants import ANNOTATION_DNS_RULES_VERSION as KEY
     from reconcile.controller import utcnow
-    from reconcile.kube import POD
 
     later = [0.0]
     rec = build_reconciler(
@@ -403,7 +403,7 @@ def _dns_condition(admin: Kube, name: str) -> tuple[str, str]:
 def test_dns_delivery_as_the_reconciler_identity_only_touches_its_configmaps(
     as_reconciler: Kube, settings: Settings
 ) -> None:
-    from reconcile.errors import PermanentError
+    from core.errors import PermanentError
 
     report = DnsDelivery(settings).sync(as_reconciler)
     assert report.corefile_problem == "" or "lacks" in report.corefile_problem

@@ -31,10 +31,10 @@ from typing import Any
 import pytest
 import yaml
 
-from reconcile import constants as c
+from core import constants as c
+from core.kube import CONFIGMAP, Kube
 from reconcile.app import build_reconciler
 from reconcile.controller import Reconciler
-from reconcile.kube import CONFIGMAP, Kube
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,
@@ -111,7 +111,7 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def reconciler(dev_stack: DevStack) -> Reconciler:
-    from reconcile.kube import api_client_from_kubeconfig
+    from core.kube import api_client_from_kubeconfig
 
     kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
     return build_reconciler(

@@ -19,10 +19,9 @@ from typing import Any
 
 import pytest
 
-from reconcile import constants as c
-from reconcile.controller import Outcome, Reconciler
-from reconcile.kube import EXTERNAL_SERVICE, Kube
-from reconcile.spec import (
+from core import constants as c
+from core.kube import EXTERNAL_SERVICE, Kube
+from core.spec import (
     DEFAULT_CEILING_CPU,
     DEFAULT_CEILING_MEMORY,
     DEFAULT_LIMITS,
@@ -33,6 +32,7 @@ from reconcile.spec import (
     parse_external_service,
     quantity_value,
 )
+from reconcile.controller import Outcome, Reconciler
 from tests.integration.helpers import (
     GATEWAY_NS,
     children,

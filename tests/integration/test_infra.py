@@ -24,19 +24,19 @@ from typing import Any
 import pytest
 import yaml
 
-from exporter.settings import ExporterSettings
-from exporter.watch import Exporter
-from functions.notice import Notice
-from reconcile import constants as c
-from reconcile.app import build_reconciler
-from reconcile.kube import (
+from core import constants as c
+from core.kube import (
     CONFIGMAP,
     DEPLOYMENT,
     EXTERNAL_SERVICE,
     Kube,
     api_client_from_kubeconfig,
 )
-from reconcile.settings import Settings
+from core.notice import Notice
+from core.settings import Settings
+from exporter.settings import ExporterSettings
+from exporter.watch import Exporter
+from reconcile.app import build_reconciler
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,
@@ -470,8 +470,8 @@ def _patch_pod_as_reconciler(
     dev_stack: DevStack, name: str, patch: dict[str, Any], namespace: str = "kube-system"
 ) -> tuple[int, str]:
     """(HTTP status, message) of a merge patch sent as the reconciler's identity."""
-    from reconcile.errors import ReconcileError
-    from reconcile.kube import POD
+    from core.errors import ReconcileError
+    from core.kube import POD
 
     kube = Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-reconciler")))
     try:
@@ -491,7 +491,7 @@ def _patch_pod_as_reconciler(
 def test_the_reconciler_may_only_nudge_coredns_pods(dev_stack: DevStack, admin: Kube) -> None:
     """RBAC lets the reconciler patch pods in kube-system; the admission policy narrows that to
     one annotation on CoreDNS pods. Every other change is refused by the real API server."""
-    from reconcile.kube import POD
+    from core.kube import POD
 
     pods, _ = admin.list_all(POD, "kube-system", label_selector="k8s-app=kube-dns")
     assert pods, "the dev stack runs CoreDNS as a pod"
@@ -601,7 +601,7 @@ def test_auditor_rbac_is_exactly_what_its_requests_need(dev_stack: DevStack, adm
     """`egressctl access` as the auditor, with pods owned by a ReplicaSet and by a Job in the
     cluster (so that both owner lists are sent), compared with each overlay's grants."""
     from access.model import audit, snapshot_from_kube
-    from reconcile.kube import JOB, NAMESPACE, POD
+    from core.kube import JOB, NAMESPACE, POD
 
     namespace = f"rbac-audit-{os.getpid()}-{dt.datetime.now().strftime('%H%M%S%f')}"
     pod_spec = {

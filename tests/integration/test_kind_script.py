@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from core.kube import Kube, Resource, api_client_from_kubeconfig
+from core.settings import Settings
 from egressctl.kind_pipeline import config_from, parse_args
-from reconcile.kube import Kube, Resource, api_client_from_kubeconfig
-from reconcile.settings import Settings
 from tests.conftest import DevStack
 from tests.integration.helpers import GATEWAY_NS
 

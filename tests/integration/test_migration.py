@@ -35,18 +35,18 @@ from typing import Any
 import pytest
 import yaml
 
-from dns.delivery import DnsDelivery
-from egressctl.cli import main as egressctl
-from reconcile import constants as c
-from reconcile.controller import Outcome, Reconciler
-from reconcile.errors import PermanentError
-from reconcile.kube import (
+from core import constants as c
+from core.errors import PermanentError
+from core.kube import (
     DEPLOYMENT,
     EXTERNAL_SERVICE,
     REPLICA_SET,
     SERVICE,
     Kube,
 )
+from dns.delivery import DnsDelivery
+from egressctl.cli import main as egressctl
+from reconcile.controller import Outcome, Reconciler
 from reconcile.migration import CRD, inspect_crd, leftover_bridges, replace_crd
 from tests.conftest import REPO, DevStack
 from tests.integration.changes import _rolled_out

@@ -20,9 +20,9 @@ from typing import Any
 
 import pytest
 
-from reconcile import constants as c
+from core import constants as c
+from core.kube import DEPLOYMENT, Kube, Resource
 from reconcile.app import build_reconciler
-from reconcile.kube import DEPLOYMENT, Kube, Resource
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,

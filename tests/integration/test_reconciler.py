@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from reconcile import constants as c
-from reconcile.controller import Outcome, Reconciler
-from reconcile.errors import PermanentError, RetryPolicy
-from reconcile.kube import (
+from core import constants as c
+from core.errors import PermanentError, RetryPolicy
+from core.kube import (
     CONFIGMAP,
     DEPLOYMENT,
     EXTERNAL_SERVICE,
@@ -25,6 +24,7 @@ from reconcile.kube import (
     Resource,
     api_client_from_kubeconfig,
 )
+from reconcile.controller import Outcome, Reconciler
 from tests.conftest import DevStack
 from tests.integration.faultproxy import Fault, FaultProxy
 from tests.integration.helpers import (
@@ -641,7 +641,7 @@ def test_converges_through_injected_faults(
 def test_persistent_failure_raises_transient_for_redelivery(
     admin: Kube, proxy: FaultProxy, es_name: str
 ) -> None:
-    from reconcile.errors import TransientError
+    from core.errors import TransientError
 
     create_es(admin, external_service(es_name))
     proxy.inject(Fault("GET", f"/externalservices/{es_name}", 503, times=100))

@@ -174,9 +174,9 @@ def _nudge_coredns(k8s: Any) -> None:
     """What the reconciler does after its DNS writes (README, "How fast DNS changes"): touch
     the CoreDNS pods so their kubelet refreshes the mounted ConfigMaps now, not within its
     60 s sync."""
+    from core.kube import Kube
+    from core.settings import Settings
     from dns.delivery import DnsDelivery
-    from reconcile.kube import Kube
-    from reconcile.settings import Settings
 
     nudged, problem = DnsDelivery(Settings()).nudge(Kube(k8s), f"test-{time.monotonic_ns()}")
     assert nudged and not problem, problem

@@ -1,7 +1,7 @@
 """access.model: the audit's rows and findings for a small cluster with every case in it.
 
 The gateways' NetworkPolicies and Services are the reconciler's own renderings
-(reconcile.render), so the audit is checked against what the product actually deploys.
+(gateway.render), so the audit is checked against what the product actually deploys.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from access.model import (
     snapshot_from_kube,
 )
 from access.policy import Endpoint, Labels, PolicyIndex, parse_network_policy
-from reconcile import constants as c
-from reconcile.hijack import HijackState
-from reconcile.kube import JOB, REPLICA_SET
-from reconcile.render import network_policy, service
-from reconcile.settings import Settings
-from reconcile.spec import parse_external_service
+from core import constants as c
+from core.hijack import HijackState
+from core.kube import JOB, REPLICA_SET
+from core.settings import Settings
+from core.spec import parse_external_service
+from gateway.render import network_policy, service
 
 GW_NS = "egress-operator-system"
 SETTINGS = Settings()
@@ -689,7 +689,7 @@ def test_the_audit_agrees_with_a_pod_by_pod_evaluation(drawn: dict[str, Any]) ->
 
 
 def test_collection_paths_across_all_namespaces() -> None:
-    from reconcile.kube import NAMESPACE, NETWORK_POLICY, POD
+    from core.kube import NAMESPACE, NETWORK_POLICY, POD
 
     assert POD.path() == "/api/v1/pods"
     assert POD.path("app") == "/api/v1/namespaces/app/pods"

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from core.notice import DEFAULT_EVENTS_TOPIC, DEFAULT_SWEEP_TOPIC
 from egressctl.pipeline import (
     DEAD_LETTER_SUBSCRIPTION,
     DEAD_LETTER_TOPIC,
@@ -23,7 +24,6 @@ from egressctl.pipeline import (
     FUNCTIONS,
     SWEEP_SUBSCRIPTION,
 )
-from functions.settings import DEFAULT_EVENTS_TOPIC, DEFAULT_SWEEP_TOPIC
 from tests.unit import gcloud_sdk
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,7 +24,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconcile import spec as parser
+from core import spec as parser
 from tests.unit.hostile import HOSTILE, Hostile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -824,7 +824,7 @@ def test_mutated_minimal_example_is_rejected(
     ids=ids(VALID_FILES) + ["invalid-" + p.stem for p in INVALID_FILES],
 )
 def test_reconciler_agrees_with_the_crd(path: Path) -> None:
-    from reconcile.spec import InvalidExternalService, parse_external_service
+    from core.spec import InvalidExternalService, parse_external_service
 
     obj = load_yaml(path)
     if path.parent == INVALID:

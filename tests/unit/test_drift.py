@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from reconcile import constants as c
+from core import constants as c
 from reconcile.drift import applied_hash, diff, with_applied_hash
 
 

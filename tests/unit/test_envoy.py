@@ -9,7 +9,8 @@ import pytest
 import yaml
 from google.protobuf import json_format
 
-from reconcile.envoy import (
+from core.spec import ExternalService, parse_external_service
+from gateway.envoy import (
     ADMIN_TEXT_FORMAT,
     CLUSTER_TEXT_FORMAT,
     JSON_FORMAT,
@@ -18,7 +19,6 @@ from reconcile.envoy import (
     bootstrap_yaml,
     config_hash,
 )
-from reconcile.spec import ExternalService, parse_external_service
 from tests.unit.envoy_proto import parse_bootstrap
 from tests.unit.envoy_validate import envoy_validate
 

@@ -1,4 +1,4 @@
-"""Which failures are retried, and how: the one place that decides (reconcile.errors)."""
+"""Which failures are retried, and how: the one place that decides (core.errors)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import ProtocolError
 
-from reconcile.errors import PermanentError, RetryPolicy, TransientError, classify, with_retries
+from core.errors import PermanentError, RetryPolicy, TransientError, classify, with_retries
 
 
 def api_error(status: int, retry_after: str | None = None) -> ApiException:

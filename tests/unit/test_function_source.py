@@ -25,7 +25,16 @@ REPO = Path(__file__).resolve().parents[2]
 FUNCTIONS_IGNORE = ".gcloudignore-functions"
 MiB = 1 << 20
 # What the functions may upload: the entry points, their requirements, and packages.
-ALLOWED_TOP = {"main.py", "requirements.txt", "functions", "reconcile", "dns", "access"}
+ALLOWED_TOP = {
+    "main.py",
+    "requirements.txt",
+    "functions",
+    "core",
+    "gateway",
+    "reconcile",
+    "dns",
+    "access",
+}
 
 
 def first_party() -> set[str]:
@@ -86,10 +95,10 @@ def cloud_build_workspace(tmp: Path) -> Path:
         ".venv/lib/python3.11/site-packages/kubernetes/client/api/core_v1_api.py": 2,
         ".venv/bin/activate": 0,
         "egress_gateways.egg-info/PKG-INFO": 0,
-        "reconcile/__pycache__/kube.cpython-311.pyc": 0,
+        "core/__pycache__/kube.cpython-311.pyc": 0,
         "functions/__pycache__/handlers.cpython-311.pyc": 0,
         "__pycache__/main.cpython-311.pyc": 0,
-        ".mypy_cache/3.11/reconcile/kube.data.json": 8,
+        ".mypy_cache/3.11/core/kube.data.json": 8,
         ".pytest_cache/v/cache/nodeids": 0,
         ".ruff_cache/0.17.5/123": 0,
         ".hypothesis/examples/0a/1b": 0,

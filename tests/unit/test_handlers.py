@@ -31,7 +31,10 @@ from hypothesis import strategies as st
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from functions import logs
+from core import logs
+from core.errors import TransientError
+from core.notice import FIELDS, Notice, format_time
+from core.settings import Settings
 from functions.handlers import (
     MAX_REPAIR_BODY_BYTES,
     Runtime,
@@ -39,11 +42,8 @@ from functions.handlers import (
     handle_repair,
     handle_sweep,
 )
-from functions.notice import FIELDS, Notice, format_time
 from functions.settings import PipelineSettings
 from reconcile.controller import Outcome, Result, SweepReport
-from reconcile.errors import TransientError
-from reconcile.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconcile.hijack import HijackState, next_hijack_state
+from core.hijack import HijackState, next_hijack_state
 
 F, W, T = HijackState.FALSE, HijackState.WAITING_FOR_PODS, HijackState.TRUE
 

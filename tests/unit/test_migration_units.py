@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from reconcile import constants as c
+from core import constants as c
+from core.errors import PermanentError
+from core.kube import field_conflicts
+from core.settings import Settings
 from reconcile.controller import Reconciler, _status_equal
-from reconcile.errors import PermanentError
 from reconcile.fights import TakeBack, condition_message, encode, fights, memory
-from reconcile.kube import field_conflicts
 from reconcile.migration import (
     CrdState,
     is_original_lock,
@@ -24,7 +25,6 @@ from reconcile.migration import (
     plugin_directive,
     port_renames,
 )
-from reconcile.settings import Settings
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 

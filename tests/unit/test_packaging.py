@@ -30,7 +30,17 @@ PYPROJECT: dict[str, Any] = tomllib.loads((REPO / "pyproject.toml").read_text())
 HINT = "pip install 'egress-gateways[dev]'"
 # Modules `pip install .` installs and that run without the dev extra (bench/ is the dev
 # extra's: it is run from a clone with `make bench`).
-INSTALLED_RUNTIME = ("main.py", "egressctl", "reconcile", "dns", "functions", "exporter", "access")
+INSTALLED_RUNTIME = (
+    "main.py",
+    "egressctl",
+    "core",
+    "gateway",
+    "reconcile",
+    "dns",
+    "functions",
+    "exporter",
+    "access",
+)
 
 
 def pins(path: Path) -> dict[str, Version]:

@@ -11,6 +11,8 @@ import logging
 
 import pytest
 
+from core import logs
+from core.notice import BadNotice, Notice, decode_data, parse_notice
 from exporter.settings import ExporterSettings, ExporterSettingsError
 from exporter.watch import (
     SeenDeployment,
@@ -18,9 +20,7 @@ from exporter.watch import (
     deployment_change,
     external_service_change,
 )
-from functions import logs
 from functions.handlers import BadRequest, parse_repair_body
-from functions.notice import BadNotice, Notice, decode_data, parse_notice
 from functions.settings import PipelineSettings, PipelineSettingsError
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=dt.UTC)

@@ -8,12 +8,12 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reconcile.envoy import bootstrap
-from reconcile.hijack import HijackState
-from reconcile.render import render
-from reconcile.settings import Settings
-from reconcile.spec import parse_external_service, upstream_address_reason
-from reconcile.yamlio import dump_all
+from core.hijack import HijackState
+from core.settings import Settings
+from core.spec import parse_external_service, upstream_address_reason
+from core.yamlio import dump_all
+from gateway.envoy import bootstrap
+from gateway.render import render
 from tests.unit.envoy_proto import parse_bootstrap
 from tests.unit.envoy_validate import envoy_validate
 

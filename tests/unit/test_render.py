@@ -6,10 +6,12 @@ from typing import Any
 
 import pytest
 
-from reconcile import constants as c
-from reconcile.envoy import bootstrap_yaml, config_hash
-from reconcile.hijack import HijackState
-from reconcile.render import (
+from core import constants as c
+from core.hijack import HijackState
+from core.settings import Settings, TopologySpread
+from core.spec import ExternalService, parse_external_service
+from gateway.envoy import bootstrap_yaml, config_hash
+from gateway.render import (
     configmap,
     deployment,
     horizontal_pod_autoscaler,
@@ -18,8 +20,6 @@ from reconcile.render import (
     render,
     service,
 )
-from reconcile.settings import Settings, TopologySpread
-from reconcile.spec import ExternalService, parse_external_service
 
 DEFAULT = Settings()
 

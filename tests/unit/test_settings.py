@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from reconcile.settings import (
+from core.settings import (
     DEFAULT_ENVOY_IMAGE,
     DEFAULT_GATEWAY_NAMESPACE,
     Settings,
     SettingsError,
     TopologySpread,
 )
-from reconcile.spec import (
+from core.spec import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_REPLICAS,
     DEFAULT_REQUESTS,

@@ -20,11 +20,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egressctl.render_cmds import parse_files
-from reconcile.hijack import HijackState
-from reconcile.render import render
-from reconcile.settings import Settings
-from reconcile.spec import (
+from core.hijack import HijackState
+from core.settings import Settings
+from core.spec import (
     MAX_REPORTED_ERRORS,
     Ceilings,
     ExternalService,
@@ -36,6 +34,8 @@ from reconcile.spec import (
     parse_external_service,
     quantity_value,
 )
+from egressctl.render_cmds import parse_files
+from gateway.render import render
 from tests.unit.hostile import HOSTILE, Hostile
 
 

@@ -15,9 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from reconcile.envreader import EnvReader
-from reconcile.names import DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_VALUE, is_label_key
-from reconcile.spec import (
+from core.envreader import EnvReader
+from core.names import DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_VALUE, is_label_key
+from core.spec import (
     CPU,
     DEFAULT_CEILING_CPU,
     DEFAULT_CEILING_MEMORY,

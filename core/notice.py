@@ -16,9 +16,12 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from reconcile.names import DNS1123_SUBDOMAIN
+from core.names import DNS1123_SUBDOMAIN
 
 VERSION = 1
+# Topics for notices and sweep triggers, unless EGRESS_EVENTS_TOPIC/EGRESS_SWEEP_TOPIC say.
+DEFAULT_EVENTS_TOPIC = "egress-events"
+DEFAULT_SWEEP_TOPIC = "egress-sweep"
 # Which object moved: the ExternalService itself, or its gateway Deployment (readiness).
 KINDS = frozenset({"ExternalService", "Deployment"})
 # Watch event types, plus RELIST: published for every object found by a (re-)list.

@@ -4,7 +4,7 @@ The typed clients of the pinned ``kubernetes`` release cannot send a server-side
 deserialising into their models is slow, so requests go through ``ApiClient.call_api`` with
 plain JSON in and out. Every request is counted (the benchmarks and the zero-write guarantee of
 an in-sync sweep are measured with these counters), retried for transient failures in
-``reconcile.errors``, and carries dry run when asked.
+``core.errors``, and carries dry run when asked.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from reconcile import constants as c
-from reconcile.errors import RetryPolicy, classify, with_retries
+from core import constants as c
+from core.errors import RetryPolicy, classify, with_retries
 
 Obj = dict[str, Any]
 

@@ -13,9 +13,9 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from reconcile import constants as c
-from reconcile.spec import ExternalServiceSpec, Port, Protocol
-from reconcile.yamlio import dump
+from core import constants as c
+from core.spec import ExternalServiceSpec, Port, Protocol
+from core.yamlio import dump
 
 CONNECT_TIMEOUT = "1s"
 STDOUT_LOGGER = "envoy.access_loggers.stdout"

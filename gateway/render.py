@@ -11,11 +11,11 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from reconcile import constants as c
-from reconcile.envoy import admin_port, bootstrap_yaml, config_hash
-from reconcile.hijack import HijackState
-from reconcile.settings import Settings
-from reconcile.spec import ExternalService, ExternalServiceSpec
+from core import constants as c
+from core.hijack import HijackState
+from core.settings import Settings
+from core.spec import ExternalService, ExternalServiceSpec
+from gateway.envoy import admin_port, bootstrap_yaml, config_hash
 
 Obj = dict[str, Any]
 

@@ -25,8 +25,8 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, TypeGuard
 
-from reconcile import constants as c
-from reconcile.names import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_NAME
+from core import constants as c
+from core.names import DNS1035_LABEL, DNS1123_LABEL, DNS1123_SUBDOMAIN, LABEL_NAME
 
 
 class Protocol(StrEnum):
@@ -55,7 +55,7 @@ DEFAULT_REQUESTS = (("cpu", "100m"), ("memory", "50Mi"))
 DEFAULT_LIMITS = (("cpu", "2"), ("memory", "1Gi"))
 
 # Operator-level ceilings per gateway, raised by a platform team through these settings
-# (reconcile/settings.py reads them; named here so that refusals can name them).
+# (core/settings.py reads them; named here so that refusals can name them).
 ENV_MAX_REPLICAS = "GATEWAY_MAX_REPLICAS"
 ENV_MAX_CPU = "GATEWAY_MAX_CPU"
 ENV_MAX_MEMORY = "GATEWAY_MAX_MEMORY"
