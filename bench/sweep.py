@@ -27,6 +27,7 @@ from core import constants as c
 from core.kube import EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, api_client_from_kubeconfig
 from core.settings import Settings
 from reconcile.app import build_reconciler
+from reconcile.controller import Outcome
 from tests.integration.helpers import create_es, dev_settings, external_service
 
 PREFIX = "bench-"
@@ -80,7 +81,7 @@ def one_pass(naive: bool) -> dict[str, Any]:
     wall = time.perf_counter() - start
     return {
         "externalServices": len(outcomes),
-        "inSync": outcomes.count("in-sync"),
+        "inSync": outcomes.count(Outcome.IN_SYNC),
         "requests": kube.counters.total,
         "writes": kube.counters.writes,
         "wallSeconds": round(wall, 3),

@@ -20,7 +20,7 @@ from core.errors import PermanentError, TransientError
 from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 from core.settings import Settings, SettingsError
 from reconcile.app import build_reconciler
-from reconcile.controller import Change, Outcome, Reconciler, Result, SweepReport
+from reconcile.controller import Action, Change, Outcome, Reconciler, Result, SweepReport
 
 EXIT_OK = 0
 EXIT_TRANSIENT = 1
@@ -133,7 +133,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return _run(args, dry_run=True, plan=True)
 
 
-_SYMBOL = {"create": "+", "update": "~", "delete": "-"}
+_SYMBOL = {Action.CREATE: "+", Action.UPDATE: "~", Action.DELETE: "-"}
 
 
 def _format_change(change: Change) -> list[str]:

@@ -26,7 +26,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any, Protocol
 
 from core import logs
 from core.notice import (
@@ -44,6 +45,10 @@ from core.notice import (
 from core.settings import Settings
 from functions.settings import MAX_CLOCK_SKEW_S, PipelineSettings
 
+if TYPE_CHECKING:  # imported when first used: a cold start that refuses a message needs neither
+    from core.kube import Kube
+    from reconcile.controller import Outcome, Result, SweepReport
+
 log = logs.get("functions")
 
 # Refusals are logged and answered; a message can make one long, never the log line huge.
@@ -52,6 +57,26 @@ MAX_REASON_CHARS = 300
 MAX_REPAIR_BODY_BYTES = 65536
 
 ApiClientFactory = Callable[[], Any]
+
+
+class Delivered(StrEnum):
+    """How a handler ended, where no reconcile result says it: the ``outcome`` of its log line."""
+
+    MALFORMED = "malformed"  # acknowledged: the message can never be processed
+    STALE = "stale"  # acknowledged: older than MAX_EVENT_AGE_SECONDS, the sweep covers it
+    TRANSIENT_ERROR = "transient-error"  # raised: Pub/Sub redelivers
+    PERMANENT_ERROR = "permanent-error"  # acknowledged: a retry would fail the same way
+    ERROR = "error"  # raised: unexpected, logged with its traceback
+    SWEPT = "swept"  # the sweep's summary line
+    BAD_REQUEST = "bad-request"  # a repair body that cannot be parsed: 400
+
+
+class Reconciles(Protocol):
+    """What the handlers need of ``reconcile.controller.Reconciler`` (tests pass a stub)."""
+
+    def reconcile(self, name: str) -> Result: ...
+
+    def sweep(self) -> SweepReport: ...
 
 
 @dataclass
@@ -65,8 +90,8 @@ class Runtime:
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
     sleep: Callable[[float], None] = time.sleep
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _kube: Any = None
-    _reconcilers: dict[bool, Any] = field(default_factory=dict)
+    _kube: Kube | None = None
+    _reconcilers: dict[bool, Reconciles] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Runtime:
@@ -75,7 +100,7 @@ class Runtime:
         logs.setup(pipeline.project)
         return cls(Settings.from_env(env), pipeline, env=dict(env))
 
-    def kube(self) -> Any:
+    def kube(self) -> Kube:
         with self._lock:
             if self._kube is None:
                 from core.kube import Kube
@@ -85,7 +110,7 @@ class Runtime:
                 self._kube = Kube(factory())
             return self._kube
 
-    def reconciler(self, dry_run: bool = False) -> Any:
+    def reconciler(self, dry_run: bool = False) -> Reconciles:
         kube = self.kube()
         with self._lock:
             if dry_run not in self._reconcilers:
@@ -165,6 +190,10 @@ def _text(value: object, limit: int = 200) -> str:
     return clip(value, limit) if isinstance(value, str) else preview(value, limit)
 
 
+def _log(level: int, text: str, outcome: Delivered | Outcome, **fields: Any) -> None:
+    logs.log(log, level, text, outcome=str(outcome), **fields)
+
+
 def _refusal(exc: Exception) -> tuple[str, int]:
     """Why input that cannot be parsed was refused, and the level to log it at."""
     if isinstance(exc, Malformed):
@@ -185,33 +214,30 @@ def handle_event(rt: Runtime, event: Any) -> None:
             notice = notice_of(delivery, rt.pipeline.max_notice_bytes)
         except Exception as exc:  # parsing only: see the module docstring
             reason, level = _refusal(exc)
-            logs.log(
-                log,
+            _log(
                 level,
                 f"malformed notice acknowledged: {reason}",
-                outcome="malformed",
+                Delivered.MALFORMED,
                 reason=reason,
             )
             return
         with logs.context(externalService=notice.name):
             age = (rt.clock() - notice.time).total_seconds()
             if age > rt.pipeline.max_event_age_s:
-                logs.log(
-                    log,
+                _log(
                     logging.INFO,
                     f"stale notice acknowledged ({age:.0f}s old, limit "
                     f"{rt.pipeline.max_event_age_s}s); the sweep covers it",
-                    outcome="stale",
+                    Delivered.STALE,
                     ageSeconds=round(age, 1),
                     notice=notice.to_json(),
                 )
                 return
             if age < -MAX_CLOCK_SKEW_S:
-                logs.log(
-                    log,
+                _log(
                     logging.WARNING,
                     f"malformed notice acknowledged: time is {-age:.0f}s in the future",
-                    outcome="malformed",
+                    Delivered.MALFORMED,
                     reason="time in the future",
                 )
                 return
@@ -230,7 +256,6 @@ def reconcile_logged(
 
     Returns the result as a dict; raises TransientError (and unexpected errors) for a retry.
     """
-    from core.errors import PermanentError, TransientError
     from reconcile.controller import Outcome
 
     t0 = started if started is not None else time.monotonic()
@@ -251,37 +276,20 @@ def reconcile_logged(
             first = result
             result = reconciler.reconcile(name)
             result.changes[:0] = first.changes
-    except TransientError as exc:
-        logs.log(
-            log,
-            logging.ERROR,
-            f"reconcile {name}: transient failure, raising for redelivery: {exc}",
-            outcome="transient-error",
-            durationMs=_ms(t0),
-            **extra,
-        )
-        raise
-    except PermanentError as exc:
-        logs.log(
-            log,
-            logging.ERROR,
-            f"reconcile {name}: permanent failure, acknowledged: {exc}",
-            outcome="permanent-error",
-            durationMs=_ms(t0),
-            **extra,
-        )
-        return {"name": name, "outcome": "permanent-error", "message": str(exc)}
     except Exception as exc:
-        logs.log(
-            log,
+        verdict = verdict_of(exc)
+        _log(
             logging.ERROR,
-            f"reconcile {name}: unexpected {type(exc).__name__}, raising for redelivery",
-            outcome="error",
+            f"reconcile {name}: {verdict.text}",
+            verdict.outcome,
             durationMs=_ms(t0),
             **extra,
         )
-        log.exception("unexpected error")
-        raise
+        if verdict.outcome is Delivered.ERROR:
+            log.exception("unexpected error")
+        if verdict.retry:
+            raise
+        return {"name": name, "outcome": str(verdict.outcome), "message": str(exc)}
     report: dict[str, Any] = dict(result.to_dict())
     level = logging.INFO
     if result.outcome in (Outcome.INVALID, Outcome.CONFLICT, Outcome.CONTESTED):
@@ -290,17 +298,39 @@ def reconcile_logged(
     text = f"reconcile {name}: {result.outcome} ({summary})"
     if result.message:
         text += f": {result.message}"
-    logs.log(
-        log,
+    _log(
         level,
         text,
-        outcome=result.outcome,
+        result.outcome,
         changes=report["changes"],
         hijackState=result.hijack_state,
         durationMs=_ms(t0),
         **extra,
     )
     return report
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The ack/retry decision for a reconcile that raised, and the words its log line uses."""
+
+    outcome: Delivered
+    retry: bool
+    text: str
+
+
+def verdict_of(exc: Exception) -> Verdict:
+    from core.errors import PermanentError, TransientError
+
+    if isinstance(exc, TransientError):
+        return Verdict(
+            Delivered.TRANSIENT_ERROR, True, f"transient failure, raising for redelivery: {exc}"
+        )
+    if isinstance(exc, PermanentError):
+        return Verdict(Delivered.PERMANENT_ERROR, False, f"permanent failure, acknowledged: {exc}")
+    return Verdict(
+        Delivered.ERROR, True, f"unexpected {type(exc).__name__}, raising for redelivery"
+    )
 
 
 def _ms(t0: float) -> float:
@@ -322,11 +352,10 @@ def handle_sweep(rt: Runtime, event: Any) -> dict[str, Any] | None:
     with logs.context(function="sweep", eventId=event_id, trace=trace or None, spanId=span):
         age = _age_s(rt, _attr(event, "time"))
         if age is not None and age > rt.pipeline.max_event_age_s:
-            logs.log(
-                log,
+            _log(
                 logging.INFO,
                 f"stale sweep trigger acknowledged ({age:.0f}s old); the next one runs",
-                outcome="stale",
+                Delivered.STALE,
             )
             return None
         return sweep_logged(rt, dry_run=False, started=started)
@@ -342,42 +371,40 @@ def _age_s(rt: Runtime, raw_time: object) -> float | None:
 
 def sweep_logged(rt: Runtime, *, dry_run: bool, started: float | None = None) -> dict[str, Any]:
     from core.errors import PermanentError, TransientError
+    from reconcile.controller import Outcome
 
     t0 = started if started is not None else time.monotonic()
     try:
         report = rt.reconciler(dry_run).sweep()
     except (TransientError, PermanentError) as exc:
-        logs.log(
-            log,
+        _log(
             logging.ERROR,
             f"sweep failed before reconciling anything: {exc}",
-            outcome="error",
+            Delivered.ERROR,
             durationMs=_ms(t0),
         )
         return {"error": str(exc)}
     out: dict[str, Any] = dict(report.to_dict())
     for result in report.results:
-        if result.changes or result.outcome not in ("in-sync",):
+        if result.changes or result.outcome != Outcome.IN_SYNC:
             with logs.context(externalService=result.name):
-                logs.log(
-                    log,
+                _log(
                     logging.WARNING if result.changes or result.fights else logging.INFO,
                     f"sweep: {result.name}: {result.outcome}"
                     + (f" (drift: {len(result.changes)} change(s))" if result.changes else "")
                     + "".join(f"; {f.describe()}" for f in result.fights),
-                    outcome=result.outcome,
+                    result.outcome,
                     changes=[ch.to_dict() for ch in result.changes],
                     fights=[f.to_dict() for f in result.fights],
                     dryRun=dry_run,
                 )
     level = logging.WARNING if out["drift"] or out["errors"] or out["fights"] else logging.INFO
-    logs.log(
-        log,
+    _log(
         level,
         f"sweep: {out['externalServices']} ExternalService(s), {len(out['drift'])} drift "
         f"change(s), {len(report.pruned)} orphan(s) pruned, {len(out['errors'])} error(s)"
         + (f", {len(out['fights'])} field manager fight(s)" if out["fights"] else ""),
-        outcome="swept",
+        Delivered.SWEPT,
         outcomes=out["outcomes"],
         drift=out["drift"],
         errors=out["errors"],
@@ -433,11 +460,10 @@ def handle_repair(rt: Runtime, request: Any) -> tuple[str, int, dict[str, str]]:
             name, dry_run = parse_repair_body(raw, request.content_type)
         except Exception as exc:  # parsing only: see the module docstring
             reason, level = _refusal(exc)
-            logs.log(
-                log, level, f"repair: bad request: {reason}", outcome="bad-request", reason=reason
-            )
+            _log(level, f"repair: bad request: {reason}", Delivered.BAD_REQUEST, reason=reason)
             return _json({"error": reason}), 400, headers
         from core.errors import TransientError
+        from reconcile.controller import Outcome
 
         try:
             if name is None:
@@ -448,7 +474,7 @@ def handle_repair(rt: Runtime, request: Any) -> tuple[str, int, dict[str, str]]:
                 result = reconcile_logged(rt, name, dry_run=dry_run)
         except TransientError as exc:
             return _json({"error": f"transient: {exc}", "retry": True}), 503, headers
-        status = 404 if result.get("outcome") == "not-found" else 200
+        status = 404 if result.get("outcome") == Outcome.NOT_FOUND else 200
         return _json({"dryRun": dry_run, "result": result}), status, headers
 
 

@@ -18,6 +18,7 @@ import datetime as dt
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from core import constants as c
@@ -36,7 +37,13 @@ from core.kube import (
 )
 from core.settings import Settings
 from core.spec import ExternalService, InvalidExternalService, parse_external_service
-from dns.delivery import DnsDelivery, DnsReport, DnsVerdicts, claims_from_services
+from dns.delivery import (
+    REASON_UNAVAILABLE,
+    DnsDelivery,
+    DnsReport,
+    DnsVerdicts,
+    claims_from_services,
+)
 from dns.render import Claim, normalize_dns_name
 from dns.render import render as render_dns
 from gateway.render import render
@@ -70,7 +77,9 @@ def _parse_timestamp(text: str) -> dt.datetime | None:
         return None
 
 
-class Outcome:
+class Outcome(StrEnum):
+    """How one reconcile ended: the ``outcome`` of its result, report and log line."""
+
     CONVERGED = "converged"  # writes were needed and made
     IN_SYNC = "in-sync"  # nothing to write
     INVALID = "invalid"  # spec refused; condition written, gateway untouched
@@ -81,9 +90,17 @@ class Outcome:
     CONTESTED = "contested"  # another field manager keeps rewriting our fields (reconcile.fights)
 
 
+class Action(StrEnum):
+    """What a reconcile did (or, dry, would do) to one object."""
+
+    CREATE = "create"
+    UPDATE = "update"
+    DELETE = "delete"
+
+
 @dataclass(frozen=True, slots=True)
 class Change:
-    action: str  # create, update, delete
+    action: Action
     kind: str
     name: str
     namespace: str | None
@@ -102,7 +119,7 @@ class Change:
 @dataclass
 class Result:
     name: str
-    outcome: str
+    outcome: Outcome
     changes: list[Change] = field(default_factory=list)
     hijack_state: str | None = None
     requeue_after_s: float | None = None
@@ -323,7 +340,7 @@ class Reconciler:
                 applied_service = result
             changes.append(
                 Change(
-                    "create" if live is None else "update",
+                    Action.CREATE if live is None else Action.UPDATE,
                     kind,
                     es.name,
                     self.settings.gateway_namespace,
@@ -402,7 +419,7 @@ class Reconciler:
         self.kube.delete(
             BY_KIND[kind], meta["name"], meta.get("namespace"), uid=meta.get("uid", "")
         )
-        return Change("delete", kind, meta["name"], meta.get("namespace"))
+        return Change(Action.DELETE, kind, meta["name"], meta.get("namespace"))
 
     def _invalid(self, name: str, es_obj: Obj, exc: InvalidExternalService) -> Result:
         message = "; ".join(str(e) for e in exc.errors)
@@ -454,7 +471,9 @@ class Reconciler:
                 {"metadata": {"labels": {c.LABEL_HIJACK_DNS: HijackState.FALSE.value}}},
                 self.settings.gateway_namespace,
             )
-            changes.append(Change("update", SERVICE.kind, name, self.settings.gateway_namespace))
+            changes.append(
+                Change(Action.UPDATE, SERVICE.kind, name, self.settings.gateway_namespace)
+            )
             if self.dns is not None:
                 self.dns.sync(self.kube)
         now = self.clock()
@@ -537,7 +556,11 @@ class Reconciler:
             ready_cond = ("Ready", "True", "GatewayReady", f"{ready} gateway pod(s) ready")
         else:
             ready_cond = ("Ready", "False", "WaitingForPods", "no gateway pod is ready yet")
-        if state is HijackState.TRUE and refusal is not None:
+        # CLUSTER_DNS=none is said at once, not only once a pod is ready.
+        if refusal is not None and (
+            state is HijackState.TRUE
+            or (state is HijackState.WAITING_FOR_PODS and refusal[0] == REASON_UNAVAILABLE)
+        ):
             dns_cond = ("DnsHijacked", "False", refusal[0], refusal[1])
         elif state is HijackState.TRUE:
             dns_cond = (
@@ -722,11 +745,9 @@ class Reconciler:
                     Claim(self._claimed_at(es, obs, previous, state), name, es.spec.dns_name)
                 )
         rendered = render_dns(claims, self.settings.gateway_namespace, self.settings.cluster_domain)
-        problem = added = ""
-        if self.dns is not None and (rendered.rules or self.settings.manage_coredns_import):
-            problem, added, version = self.dns.ensure_corefile(self.kube)
-            self.dns.nudge(self.kube, version)
-        return DnsVerdicts(rendered, problem, added)
+        if self.dns is None:
+            return DnsVerdicts(rendered)
+        return self.dns.verdicts(self.kube, rendered)
 
 
 def _ready_replicas(deployment: Obj | None) -> int:
