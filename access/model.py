@@ -78,7 +78,8 @@ from core.kube import (
 )
 from core.settings import DEFAULT_GATEWAY_NAMESPACE, Settings
 
-Obj = Mapping[str, Any]
+# Listed objects, only read here (``core.kube.Obj`` as the audit sees it).
+ObjView = Mapping[str, Any]
 
 # A public address no cluster uses (TEST-NET-1, RFC 5737): "can this pod reach the internet?"
 PUBLIC_PROBE: IPAddress = ipaddress.ip_address("192.0.2.1")
@@ -207,13 +208,13 @@ class Snapshot:
     def from_objects(
         cls,
         *,
-        pods: Iterable[Obj] = (),
-        namespaces: Iterable[Obj] = (),
-        policies: Iterable[Obj] = (),
-        external_services: Iterable[Obj] = (),
-        services: Iterable[Obj] = (),
-        gateway_pods: Iterable[Obj] = (),
-        owners: Iterable[Obj] = (),
+        pods: Iterable[ObjView] = (),
+        namespaces: Iterable[ObjView] = (),
+        policies: Iterable[ObjView] = (),
+        external_services: Iterable[ObjView] = (),
+        services: Iterable[ObjView] = (),
+        gateway_pods: Iterable[ObjView] = (),
+        owners: Iterable[ObjView] = (),
         gateway_namespace: str = DEFAULT_GATEWAY_NAMESPACE,
     ) -> Snapshot:
         """A snapshot from API objects as plain dicts.
@@ -263,7 +264,7 @@ def snapshot_from_kube(kube: Kube, settings: Settings) -> Snapshot:
     services, _ = kube.list_all(SERVICE, namespace, label_selector=c.LABEL_GATEWAY)
     pods, _ = kube.list_all(POD)
     owner_kinds = {ref.get("kind") for p in pods for ref in _owner_refs(p)}
-    owners: list[Obj] = []
+    owners: list[ObjView] = []
     if "ReplicaSet" in owner_kinds:
         owners += kube.list_all(REPLICA_SET)[0]
     if "Job" in owner_kinds:
@@ -282,24 +283,24 @@ def snapshot_from_kube(kube: Kube, settings: Settings) -> Snapshot:
 # -- parsing ------------------------------------------------------------------------------------
 
 
-def _meta(obj: Obj) -> Mapping[str, Any]:
+def _meta(obj: ObjView) -> Mapping[str, Any]:
     meta = obj.get("metadata")
     return meta if isinstance(meta, Mapping) else {}
 
 
-def _labels(obj: Obj) -> Labels:
+def _labels(obj: ObjView) -> Labels:
     raw = _meta(obj).get("labels") or {}
     return (
         Labels({str(k): str(v) for k, v in raw.items()}) if isinstance(raw, Mapping) else Labels()
     )
 
 
-def _owner_refs(obj: Obj) -> list[Mapping[str, Any]]:
+def _owner_refs(obj: ObjView) -> list[Mapping[str, Any]]:
     refs = _meta(obj).get("ownerReferences") or []
     return [r for r in refs if isinstance(r, Mapping)] if isinstance(refs, list) else []
 
 
-def _controller(obj: Obj) -> OwnerRef | None:
+def _controller(obj: ObjView) -> OwnerRef | None:
     refs = _owner_refs(obj)
     chosen = next((r for r in refs if r.get("controller")), None)
     if chosen is None:
@@ -314,7 +315,7 @@ def _ip(text: Any) -> IPAddress | None:
         return None
 
 
-def parse_pod(obj: Obj) -> Pod:
+def parse_pod(obj: ObjView) -> Pod:
     meta = _meta(obj)
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
@@ -340,13 +341,13 @@ def parse_pod(obj: Obj) -> Pod:
     )
 
 
-def parse_namespace(obj: Obj) -> Namespace:
+def parse_namespace(obj: ObjView) -> Namespace:
     name = str(_meta(obj).get("name", ""))
     # The API server always sets this label; objects written by hand may lack it.
     return Namespace(name, Labels({NAMESPACE_NAME_LABEL: name, **_labels(obj)}))
 
 
-def parse_owner_link(obj: Obj) -> OwnerLink | None:
+def parse_owner_link(obj: ObjView) -> OwnerLink | None:
     parent = _controller(obj)
     kind = str(obj.get("kind", ""))
     if parent is None or kind not in INTERMEDIATE_KINDS:
@@ -355,7 +356,7 @@ def parse_owner_link(obj: Obj) -> OwnerLink | None:
     return OwnerLink(str(meta.get("namespace", "")), kind, str(meta.get("name", "")), parent)
 
 
-def parse_gateway_service(obj: Obj) -> GatewayService:
+def parse_gateway_service(obj: ObjView) -> GatewayService:
     spec = obj.get("spec") or {}
     ports: list[ServicePort] = []
     for p in spec.get("ports") or []:
@@ -373,7 +374,7 @@ def parse_gateway_service(obj: Obj) -> GatewayService:
     )
 
 
-def parse_external_service_info(obj: Obj) -> ExternalServiceInfo:
+def parse_external_service_info(obj: ObjView) -> ExternalServiceInfo:
     spec = obj.get("spec") or {}
     ports: list[tuple[int, str]] = []
     for p in spec.get("ports") or []:
@@ -401,7 +402,7 @@ def _is_gateway_pod(pod: Pod, gateway_namespace: str) -> bool:
     )
 
 
-def _is_gateway_service(obj: Obj, gateway_namespace: str) -> bool:
+def _is_gateway_service(obj: ObjView, gateway_namespace: str) -> bool:
     meta = _meta(obj)
     return meta.get("namespace", gateway_namespace) == gateway_namespace and _labels(obj).get(
         c.LABEL_GATEWAY

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import constants as c
-from core.errors import RetryPolicy, classify, with_retries
+from core.errors import PermanentError, RetryPolicy, classify, with_retries
 
 Obj = dict[str, Any]
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 APPLY_CONTENT_TYPE = "application/apply-patch+yaml"
 MERGE_CONTENT_TYPE = "application/merge-patch+json"
+JSON_PATCH_CONTENT_TYPE = "application/json-patch+json"
 LIST_PAGE_SIZE = 500
 DEFAULT_RETRY = RetryPolicy()
 
@@ -63,6 +64,8 @@ NAMESPACE = Resource("v1", "Namespace", "namespaces", namespaced=False)
 REPLICA_SET = Resource("apps/v1", "ReplicaSet", "replicasets")
 JOB = Resource("batch/v1", "Job", "jobs")
 
+# The kinds of a gateway, in apply order: the policy exists before any pod can run, the Service
+# before DNS can point at it (gateway.render returns its objects in this order).
 GATEWAY_KINDS: tuple[Resource, ...] = (CONFIGMAP, NETWORK_POLICY, SERVICE, DEPLOYMENT, HPA, PDB)
 BY_KIND: dict[str, Resource] = {r.kind: r for r in (EXTERNAL_SERVICE, *GATEWAY_KINDS)}
 
@@ -185,25 +188,37 @@ class Kube:
         resource: Resource,
         namespace: str | None = None,
         label_selector: str | None = None,
+        *,
+        keep: Callable[[Obj], Obj | None] | None = None,
+        page_size: int | None = None,
     ) -> tuple[list[Obj], str]:
         """Every object, paginated; restarts from scratch if a continue token expires (410).
 
         Returns the items and the list's resourceVersion (a starting point for a watch).
+        ``keep`` sees each item as its page arrives and returns what to hold (the item, a
+        smaller copy) or None to drop it, so that only one page is ever held whole.
         """
         for _ in range(5):
             try:
-                return self._list_once(resource, namespace, label_selector)
+                return self._list_once(
+                    resource, namespace, label_selector, keep, page_size or self.page_size
+                )
             except Gone:
                 continue
         raise Gone(f"list of {resource.plural} kept expiring")
 
     def _list_once(
-        self, resource: Resource, namespace: str | None, label_selector: str | None
+        self,
+        resource: Resource,
+        namespace: str | None,
+        label_selector: str | None,
+        keep: Callable[[Obj], Obj | None] | None,
+        page_size: int,
     ) -> tuple[list[Obj], str]:
         items: list[Obj] = []
         token = ""
         while True:
-            query = [("limit", str(self.page_size))]
+            query = [("limit", str(page_size))]
             if label_selector:
                 query.append(("labelSelector", label_selector))
             if token:
@@ -214,21 +229,32 @@ class Kube:
                 if self._status_of(exc) == 410:
                     raise Gone(str(exc)) from exc
                 raise
-            for item in page.get("items") or []:
+            for item in page.pop("items", None) or []:
                 item.setdefault("apiVersion", resource.api_version)
                 item.setdefault("kind", resource.kind)
-                items.append(item)
+                kept = item if keep is None else keep(item)
+                if kept is not None:
+                    items.append(kept)
             token = page.get("metadata", {}).get("continue") or ""
             if not token:
                 return items, str(page.get("metadata", {}).get("resourceVersion", ""))
 
     # -- writes ----------------------------------------------------------------------------
 
-    def apply(self, obj: Obj, *, force: bool = True) -> Obj:
-        """Server-side apply under the product's single field manager."""
-        resource = BY_KIND[obj["kind"]]
+    def apply(
+        self,
+        obj: Obj,
+        *,
+        force: bool = True,
+        field_manager: str = c.FIELD_MANAGER,
+        resource: Resource | None = None,
+    ) -> Obj:
+        """Server-side apply, under the product's single field manager unless told otherwise
+        (the migration owns the CRD under its own; ``egressctl run`` applies examples as a user).
+        """
+        resource = resource or BY_KIND[obj["kind"]]
         meta = obj["metadata"]
-        query = [("fieldManager", c.FIELD_MANAGER), ("force", "true" if force else "false")]
+        query = [("fieldManager", field_manager), ("force", "true" if force else "false")]
         result: Obj = self.request(
             "PATCH",
             resource.path(meta.get("namespace"), meta["name"]),
@@ -249,9 +275,74 @@ class Kube:
         namespace: str | None = None,
         *,
         subresource: str = "",
+        field_manager: str | None = None,
+        final_statuses: frozenset[int] = frozenset(),
     ) -> Obj:
+        """A JSON merge patch (RFC 7386). A ``metadata.uid`` or ``metadata.resourceVersion`` in
+        ``patch`` is a precondition: the server answers 409 if the object is not that one."""
         path = resource.path(namespace, name) + (f"/{subresource}" if subresource else "")
-        result: Obj = self.request("PATCH", path, body=patch, content_type=MERGE_CONTENT_TYPE)
+        query = [("fieldManager", field_manager)] if field_manager else []
+        result: Obj = self.request(
+            "PATCH",
+            path,
+            query=query,
+            body=patch,
+            content_type=MERGE_CONTENT_TYPE,
+            final_statuses=final_statuses,
+        )
+        return result
+
+    def json_patch(
+        self,
+        resource: Resource,
+        name: str,
+        ops: list[Obj],
+        namespace: str | None = None,
+        *,
+        final_statuses: frozenset[int] = frozenset(),
+    ) -> Obj:
+        """A JSON patch (RFC 6902): its ``test`` operations are preconditions on the live object
+        (a failed one is a 422; a 409 means the object changed under the patch)."""
+        result: Obj = self.request(
+            "PATCH",
+            resource.path(namespace, name),
+            body=ops,
+            content_type=JSON_PATCH_CONTENT_TYPE,
+            final_statuses=final_statuses,
+        )
+        return result
+
+    def create(
+        self, resource: Resource, obj: Obj, *, field_manager: str | None = None
+    ) -> Obj | None:
+        """Create ``obj``; None if an object of that name exists already (409)."""
+        path = resource.path(obj["metadata"].get("namespace"))
+        return self._write_once("POST", path, obj, field_manager)
+
+    def replace(
+        self, resource: Resource, obj: Obj, *, field_manager: str | None = None
+    ) -> Obj | None:
+        """Replace the whole object under the precondition of its ``metadata.resourceVersion``;
+        None if another writer changed it first (409): read again and recompute."""
+        meta = obj["metadata"]
+        path = resource.path(meta.get("namespace"), meta["name"])
+        return self._write_once("PUT", path, obj, field_manager)
+
+    def _write_once(
+        self, method: str, path: str, obj: Obj, field_manager: str | None
+    ) -> Obj | None:
+        try:
+            result: Obj = self.request(
+                method,
+                path,
+                query=[("fieldManager", field_manager)] if field_manager else [],
+                body=obj,
+                final_statuses=frozenset({409}),
+            )
+        except PermanentError as exc:
+            if exc.status == 409:
+                return None
+            raise
         return result
 
     def delete(
@@ -274,6 +365,18 @@ class Kube:
             if status in (404, 409) and (status == 404 or uid):
                 return False
             raise
+
+
+def lean(obj: Obj) -> Obj:
+    """``obj`` without the field sets of its managedFields entries (for a Deployment, about a
+    third of its size): who wrote it, how and when stay, which is all a sweep reads of them."""
+    meta = obj.get("metadata") or {}
+    entries = meta.get("managedFields")
+    if entries:
+        meta["managedFields"] = [
+            {k: v for k, v in entry.items() if k != "fieldsV1"} for entry in entries
+        ]
+    return obj
 
 
 def field_conflicts(exc: BaseException) -> dict[str, list[str]]:

@@ -462,11 +462,11 @@ def _parse_ports(raw: object, name: str) -> tuple[tuple[Port, ...], list[FieldEr
             errors.append(FieldError(ipath, f"duplicate port {port}/{proto}"))
             continue
         seen.add((port, proto))
-        if name and len(_service_port_name(name, port, proto)) > 63:
+        if name and len(service_port_name(name, port, proto)) > 63:
             errors.append(
                 FieldError(
                     ipath,
-                    f"the Service port name {_service_port_name(name, port, proto)!r} would exceed "
+                    f"the Service port name {service_port_name(name, port, proto)!r} would exceed "
                     "63 characters: shorten metadata.name",
                 )
             )
@@ -475,7 +475,8 @@ def _parse_ports(raw: object, name: str) -> tuple[tuple[Port, ...], list[FieldEr
     return tuple(ports), errors
 
 
-def _service_port_name(name: str, port: int, proto: Protocol) -> str:
+def service_port_name(name: str, port: int, proto: Protocol) -> str:
+    """The name of gateway ``name``'s Service port for one listener (render and validation)."""
     return f"{name}-{proto.lower()}-{port}"
 
 

@@ -217,7 +217,7 @@ def apply_examples(kubeconfig: str, directory: Path, max_min_replicas: int) -> l
     with ``minReplicas`` capped so that every example gets a pod on a small local node."""
     import yaml
 
-    from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
+    from core.kube import Kube, api_client_from_kubeconfig
 
     kube = Kube(api_client_from_kubeconfig(kubeconfig))
     names: list[str] = []
@@ -228,13 +228,7 @@ def apply_examples(kubeconfig: str, directory: Path, max_min_replicas: int) -> l
             name = doc["metadata"]["name"]
             spec = doc.setdefault("spec", {})
             spec["minReplicas"] = min(int(spec.get("minReplicas", 3)), max_min_replicas)
-            kube.request(
-                "PATCH",
-                EXTERNAL_SERVICE.path(None, name),
-                query=[("fieldManager", "egressctl-run"), ("force", "true")],
-                body=doc,
-                content_type="application/apply-patch+yaml",
-            )
+            kube.apply(doc, field_manager="egressctl-run")
             names.append(name)
     return names
 

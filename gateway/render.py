@@ -8,33 +8,13 @@ apply of an unchanged object is a no-op and ``egressctl render`` is diffable.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
 
 from core import constants as c
 from core.hijack import HijackState
+from core.kube import CONFIGMAP, DEPLOYMENT, HPA, NETWORK_POLICY, PDB, SERVICE, Obj, Resource
 from core.settings import Settings
-from core.spec import ExternalService, ExternalServiceSpec
+from core.spec import ExternalService, ExternalServiceSpec, service_port_name
 from gateway.envoy import admin_port, bootstrap_yaml, config_hash
-
-Obj = dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class Kind:
-    api_version: str
-    kind: str
-
-
-CONFIGMAP = Kind("v1", "ConfigMap")
-SERVICE = Kind("v1", "Service")
-DEPLOYMENT = Kind("apps/v1", "Deployment")
-HPA = Kind("autoscaling/v2", "HorizontalPodAutoscaler")
-NETWORK_POLICY = Kind("networking.k8s.io/v1", "NetworkPolicy")
-PDB = Kind("policy/v1", "PodDisruptionBudget")
-
-# Apply order: the policy exists before any pod can run, the Service before DNS can point at it.
-APPLY_ORDER: tuple[Kind, ...] = (CONFIGMAP, NETWORK_POLICY, SERVICE, DEPLOYMENT, HPA, PDB)
 
 
 def gateway_labels(name: str) -> dict[str, str]:
@@ -68,7 +48,7 @@ def _metadata(
     return meta
 
 
-def _head(kind: Kind, metadata: Obj) -> Obj:
+def _head(kind: Resource, metadata: Obj) -> Obj:
     return {"apiVersion": kind.api_version, "kind": kind.kind, "metadata": metadata}
 
 
@@ -231,7 +211,7 @@ def service(
         "selector": selector_labels(es.name),
         "ports": [
             {
-                "name": f"{es.name}-{p.protocol.value.lower()}-{p.port}",
+                "name": service_port_name(es.name, p.port, p.protocol),
                 "port": p.port,
                 "protocol": p.protocol.value,
                 "targetPort": p.port,
@@ -278,7 +258,7 @@ def pod_disruption_budget(es: ExternalService, settings: Settings) -> Obj:
 def render(
     es: ExternalService, settings: Settings, hijack_state: HijackState, claimed_at: str = ""
 ) -> list[Obj]:
-    """Every object gateway ``es`` needs, in apply order."""
+    """Every object gateway ``es`` needs, in ``core.kube.GATEWAY_KINDS`` (apply) order."""
     objects = [
         configmap(es, settings),
         network_policy(es, settings),

@@ -30,8 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core import constants as c
-
-Obj = dict[str, Any]
+from core.kube import Obj
 
 # A manager that writes our fields again within this long after we took them back from it
 # keeps rewriting them. Longer than any sweep interval (Cloud Scheduler: minutes) and a GitOps

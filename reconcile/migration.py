@@ -454,13 +454,7 @@ def _patch_at_version(
 ) -> None:
     """A merge patch carrying the resourceVersion it was computed from: a 409 means the object
     changed meanwhile (raised as PermanentError with status 409, for the caller to read again)."""
-    kube.request(
-        "PATCH",
-        resource.path(namespace, name),
-        body=patch,
-        content_type="application/merge-patch+json",
-        final_statuses=frozenset({409}),
-    )
+    kube.merge_patch(resource, name, patch, namespace, final_statuses=frozenset({409}))
 
 
 def _union(a: Obj, b: Obj) -> Obj:
@@ -480,7 +474,6 @@ def replace_crd(
     ``field_manager`` every field of the manifest; dropping the other managers' entries leaves
     later applies by the same deploy free of conflicts."""
     name = manifest["metadata"]["name"]
-    path = CRD.path(None, name)
     for _ in range(10):  # the CRD controller writes its status right after every change
         live = kube.get(CRD, name)
         if live is None:
@@ -492,27 +485,11 @@ def replace_crd(
                 "resourceVersion": live["metadata"]["resourceVersion"],
             },
         }
-        try:
-            kube.request(
-                "PUT",
-                path,
-                query=[("fieldManager", field_manager)],
-                body=body,
-                final_statuses=frozenset({409}),
-            )
+        if kube.replace(CRD, body, field_manager=field_manager) is not None:
             break
-        except PermanentError as exc:
-            if exc.status != 409:
-                raise
     else:
         raise PermanentError(f"CRD {name} kept changing while it was replaced")
-    kube.request(
-        "PATCH",
-        path,
-        query=[("fieldManager", field_manager), ("force", "true")],
-        body=manifest,
-        content_type="application/apply-patch+yaml",
-    )
+    kube.apply(manifest, field_manager=field_manager, resource=CRD)
     keep_only_applier(kube, CRD, name, None, field_manager)
     deadline = time.monotonic() + timeout_s
     while True:
@@ -754,10 +731,9 @@ def bridge_port_renames(
         if not ports or not item.get("endpoints"):
             continue
         name = f"{service}-migrate-{i}"
-        kube.request(
-            "POST",
-            ENDPOINT_SLICE.path(namespace),
-            body={
+        kube.create(
+            ENDPOINT_SLICE,
+            {
                 "apiVersion": "discovery.k8s.io/v1",
                 "kind": "EndpointSlice",
                 "metadata": {
@@ -1402,13 +1378,7 @@ def release(kube: Kube, name: str) -> bool:
         if not ops:
             return False
         try:
-            kube.request(
-                "PATCH",
-                EXTERNAL_SERVICE.path(None, name),
-                body=ops,
-                content_type="application/json-patch+json",
-                final_statuses=frozenset({409, 422}),
-            )
+            kube.json_patch(EXTERNAL_SERVICE, name, ops, final_statuses=frozenset({409, 422}))
             return True
         except PermanentError as exc:
             if exc.status in (409, 422):  # the finalizers changed meanwhile (test failed)
