@@ -47,7 +47,9 @@ from egressctl.devstack.procs import (
 CLUSTER_DOMAIN = "cluster.local"
 PUBSUB_PROJECT_ID = "egress-dev"
 GATEWAY_NAMESPACE = "egress-operator-system"
-IDENTITIES = ("egress-reconciler", "egress-exporter", "egress-auditor")
+# egress-reconciler-nodns: the reconciler as GKE Autopilot binds it (CLUSTER_DNS=none, no grant
+# in kube-system); infra/ binds it to nothing, its test binds it (test_cluster_dns_none.py).
+IDENTITIES = ("egress-reconciler", "egress-exporter", "egress-auditor", "egress-reconciler-nodns")
 # Groups an identity's certificate carries (its subject's O): infra/rbac binds the read-only
 # access audit to the group egress-auditors, as a cluster would bind its people.
 IDENTITY_GROUPS: dict[str, tuple[str, ...]] = {"egress-auditor": ("egress-auditors",)}
@@ -562,9 +564,14 @@ def env_values(layout: Layout, state: State) -> dict[str, str]:
         "EGRESS_DEV_API_SERVER": f"https://{plan.host_ip}:{p['apiserver']}",
     }
     for ident in IDENTITIES:
-        key = "KUBECONFIG_" + ident.removeprefix("egress-").upper()
-        values[key] = str(layout.identity_kubeconfig(ident))
+        values[identity_env_key(ident)] = str(layout.identity_kubeconfig(ident))
     return values
+
+
+def identity_env_key(identity: str) -> str:
+    """The env file's variable for an identity's kubeconfig: egress-reconciler-nodns ->
+    KUBECONFIG_RECONCILER_NODNS."""
+    return "KUBECONFIG_" + identity.removeprefix("egress-").upper().replace("-", "_")
 
 
 def _write_env(layout: Layout, state: State) -> None:
@@ -702,6 +709,263 @@ def _stop_on_failure(layout: Layout, state: State) -> Iterator[None]:
         raise
 
 
+@dataclass(frozen=True)
+class Certificates:
+    """Every certificate and key the stack's processes use, issued by its own CAs."""
+
+    ca: pki.CertificateAuthority
+    serving: pki.CertPair
+    admin: pki.CertPair
+    kubelet_client: pki.CertPair
+    service_accounts: pki.CertPair
+    front_proxy_ca: pki.CertificateAuthority
+    front_proxy_client: pki.CertPair
+    # Each part's client certificate and the user it names, for its kubeconfig.
+    parts: dict[str, tuple[pki.CertPair, str]]
+    identities: dict[str, pki.CertPair]
+
+
+def issue_certificates(layout: Layout, plan: AddressPlan) -> Certificates:
+    ca = pki.CertificateAuthority(layout.pki, "ca")
+    serving = ca.issue(
+        "apiserver", "kube-apiserver", server=True,
+        ips=("127.0.0.1", plan.host_ip, plan.api_service_ip),
+        dns_names=("localhost", "kubernetes", "kubernetes.default",
+                   "kubernetes.default.svc", f"kubernetes.default.svc.{CLUSTER_DOMAIN}"),
+    )  # fmt: skip
+    admin = ca.issue("admin", "egress-dev-admin", organizations=("system:masters",))
+    parts = {
+        "kube-controller-manager": (
+            ca.issue("kcm", "system:kube-controller-manager"),
+            "system:kube-controller-manager",
+        ),
+        "kube-scheduler": (ca.issue("scheduler", "system:kube-scheduler"), "system:kube-scheduler"),
+        "kubelet": (
+            ca.issue("kubelet", f"system:node:{node.NODE_NAME}", organizations=("system:nodes",)),
+            f"system:node:{node.NODE_NAME}",
+        ),
+    }
+    ca.issue(
+        "kubelet-serving", node.NODE_NAME, server=True, ips=(plan.node_ip,),
+        dns_names=(node.NODE_NAME,),
+    )  # fmt: skip
+    kubelet_client = ca.issue(
+        "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
+        organizations=("system:masters",),
+    )  # fmt: skip
+    parts["kube-proxy"] = (ca.issue("kube-proxy", "system:kube-proxy"), "system:kube-proxy")
+    parts["kube-router"] = (ca.issue("kube-router", "system:kube-router"), "system:kube-router")
+    identities = {i: ca.issue(i, i, organizations=IDENTITY_GROUPS.get(i, ())) for i in IDENTITIES}
+    service_accounts = pki.service_account_keys(layout.pki)
+    # The aggregation layer's CA, as kubeadm sets it up: it fills the requestheader part of
+    # kube-system/extension-apiserver-authentication that the controller manager (and any
+    # aggregated API) reads.
+    front_ca = pki.CertificateAuthority(layout.pki, "front-proxy-ca")
+    front_client = front_ca.issue("front-proxy-client", "front-proxy-client")
+    return Certificates(
+        ca, serving, admin, kubelet_client, service_accounts, front_ca, front_client, parts,
+        identities,
+    )  # fmt: skip
+
+
+@dataclass
+class Starter:
+    """What every process's starter needs while the stack comes up (as envtest's, one starter
+    per process; ``up`` decides the order and what to wait for)."""
+
+    layout: Layout
+    state: State
+    plan: AddressPlan
+    bin: Path
+    certs: Certificates
+    kubeconfigs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        return self.state.ports
+
+    @property
+    def etcd_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['etcd']}"
+
+    @property
+    def server(self) -> str:
+        return f"https://{self.plan.host_ip}:{self.ports['apiserver']}"
+
+    def start(self, name: str, argv: list[str], netns: str | None = None, **kw: Any) -> None:
+        if netns is not None:
+            argv = node.in_netns(netns, argv)
+        self.state.procs.append(spawn(name, argv, self.layout.logs / f"{name}.log", **kw))
+        save_state(self.layout, self.state)
+
+
+def start_etcd(s: Starter) -> None:
+    peer_url = f"http://127.0.0.1:{s.ports['etcd_peer']}"
+    s.start("etcd", [
+        str(s.bin / "etcd"), "--name=dev", f"--data-dir={s.layout.dev / 'etcd'}",
+        f"--listen-client-urls={s.etcd_url}", f"--advertise-client-urls={s.etcd_url}",
+        f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+        f"--initial-cluster=dev={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
+    ])  # fmt: skip
+
+
+def start_pubsub(s: Starter) -> None:
+    s.start("pubsub", pubsub_emulator_command(s.ports["pubsub"]))
+
+
+def start_containerd(s: Starter) -> None:
+    npaths = s.layout.node
+    cni_bin = node.cni_bin_dir()
+    npaths.cni_conf_dir.mkdir(parents=True, exist_ok=True)
+    (npaths.cni_conf_dir / "10-egdev.conflist").write_text(node.cni_conflist(s.plan, npaths))
+    npaths.containerd_config.parent.mkdir(parents=True, exist_ok=True)
+    npaths.containerd_config.write_text(
+        node.containerd_config(npaths, cni_bin, s.state.images["pause"])
+    )
+    s.start("containerd", [
+        shutil.which("containerd") or "containerd",
+        f"--config={npaths.containerd_config}", "--log-level=warn",
+    ], netns=s.plan.node_netns)  # fmt: skip
+
+
+def start_apiserver(s: Starter) -> None:
+    certs, ca = s.certs, s.certs.ca.pair
+    s.start("kube-apiserver", [
+        str(s.bin / "kube-apiserver"),
+        f"--etcd-servers={s.etcd_url}",
+        f"--bind-address={s.plan.host_ip}", f"--secure-port={s.ports['apiserver']}",
+        f"--advertise-address={s.plan.host_ip}",
+        f"--tls-cert-file={certs.serving.cert}", f"--tls-private-key-file={certs.serving.key}",
+        f"--client-ca-file={ca.cert}",
+        f"--service-account-key-file={certs.service_accounts.cert}",
+        f"--service-account-signing-key-file={certs.service_accounts.key}",
+        f"--service-account-issuer=https://kubernetes.default.svc.{CLUSTER_DOMAIN}",
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",
+        f"--service-cluster-ip-range={s.plan.service_cidr}",
+        "--allow-privileged=true",
+        f"--kubelet-client-certificate={certs.kubelet_client.cert}",
+        f"--kubelet-client-key={certs.kubelet_client.key}",
+        f"--kubelet-certificate-authority={ca.cert}",
+        "--kubelet-preferred-address-types=InternalIP",
+        f"--requestheader-client-ca-file={certs.front_proxy_ca.pair.cert}",
+        "--requestheader-allowed-names=front-proxy-client",
+        "--requestheader-username-headers=X-Remote-User",
+        "--requestheader-group-headers=X-Remote-Group",
+        "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+        f"--proxy-client-cert-file={certs.front_proxy_client.cert}",
+        f"--proxy-client-key-file={certs.front_proxy_client.key}",
+        f"--cert-dir={s.layout.pki / 'apiserver-generated'}",
+        "--profiling=false",
+    ])  # fmt: skip
+
+
+def write_kubeconfigs(s: Starter) -> None:
+    """The admin's, each part's and each identity's kubeconfig, for the API server now up."""
+    ca = s.certs.ca.pair.cert
+    _kubeconfig(s.layout.kubeconfig, s.server, ca, s.certs.admin, "egress-dev-admin")
+    for part, (cert, user) in s.certs.parts.items():
+        s.kubeconfigs[part] = s.layout.dev / f"kubeconfig-{part}"
+        _kubeconfig(s.kubeconfigs[part], s.server, ca, cert, user)
+    for ident, cert in s.certs.identities.items():
+        _kubeconfig(s.layout.identity_kubeconfig(ident), s.server, ca, cert, ident)
+
+
+def start_controller_manager(s: Starter) -> None:
+    kubeconfig = s.kubeconfigs["kube-controller-manager"]
+    ca = s.certs.ca.pair
+    s.start("kube-controller-manager", [
+        str(s.bin / "kube-controller-manager"),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1", f"--secure-port={s.ports['kcm']}",
+        f"--cert-dir={s.layout.pki / 'kcm-generated'}",
+        "--controllers=*", "--use-service-account-credentials=true",
+        f"--service-account-private-key-file={s.certs.service_accounts.key}",
+        f"--root-ca-file={ca.cert}",
+        f"--cluster-signing-cert-file={ca.cert}",
+        f"--cluster-signing-key-file={ca.key}",
+        f"--service-cluster-ip-range={s.plan.service_cidr}",
+        "--allocate-node-cidrs=true", f"--cluster-cidr={s.plan.pod_cidr}",
+        "--node-cidr-mask-size=24",
+        "--leader-elect=false",
+        "--profiling=false",
+    ])  # fmt: skip
+
+
+def start_scheduler(s: Starter) -> None:
+    kubeconfig = s.kubeconfigs["kube-scheduler"]
+    s.start("kube-scheduler", [
+        str(s.bin / "kube-scheduler"),
+        f"--kubeconfig={kubeconfig}",
+        f"--authentication-kubeconfig={kubeconfig}",
+        f"--authorization-kubeconfig={kubeconfig}",
+        "--bind-address=127.0.0.1", f"--secure-port={s.ports['scheduler']}",
+        "--leader-elect=false",
+        "--profiling=false",
+    ])  # fmt: skip
+
+
+def start_kubelet(s: Starter) -> None:
+    npaths = s.layout.node
+    npaths.resolv_conf.write_text(node.resolv_conf(s.plan))
+    npaths.kubelet_config.write_text(
+        node.kubelet_config(s.plan, npaths, s.layout.pki, KUBELET_SYNC_S)
+    )
+    s.start("kubelet", [
+        str(s.bin / "kubelet"),
+        f"--config={npaths.kubelet_config}",
+        f"--kubeconfig={s.kubeconfigs['kubelet']}",
+        f"--root-dir={npaths.kubelet_root}",
+        f"--cert-dir={npaths.root / 'kubelet-pki'}",
+        f"--hostname-override={node.NODE_NAME}",
+        f"--node-ip={s.plan.node_ip}",
+        "--v=1",
+    ], netns=s.plan.node_netns)  # fmt: skip
+
+
+def start_kube_proxy(s: Starter) -> None:
+    npaths = s.layout.node
+    npaths.kube_proxy_config.write_text(node.kube_proxy_config(s.plan, s.kubeconfigs["kube-proxy"]))
+    s.start("kube-proxy", [
+        str(s.bin / "kube-proxy"), f"--config={npaths.kube_proxy_config}", "--v=1",
+    ], netns=s.plan.node_netns)  # fmt: skip
+
+
+def start_kube_router(s: Starter) -> None:
+    s.start("kube-router", [
+        str(s.bin / "kube-router"),
+        f"--kubeconfig={s.kubeconfigs['kube-router']}",
+        f"--hostname-override={node.NODE_NAME}",
+        "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
+        f"--service-cluster-ip-range={s.plan.service_cidr}",
+        "--health-port=20244", "--metrics-port=0", "--v=1",
+    ], netns=s.plan.node_netns)  # fmt: skip
+
+
+def start_offline_internet(s: Starter) -> None:
+    """The upstream DNS server and the test services, in the stack's own "internet" netns."""
+    layout = s.layout
+    hosts = layout.upstream / "hosts"
+    base_hosts = (layout.infra / "dev" / "coredns" / "upstream.hosts").read_text()
+    hosts.write_text(node.upstream_hosts(s.plan, base_hosts))
+    _render(
+        layout.infra / "dev" / "coredns" / "upstream.Corefile.tmpl",
+        layout.upstream / "Corefile",
+        UPSTREAM_ADDR=s.plan.upstream_dns_ip, HOSTS_FILE=hosts,
+        ROOT_ZONE=layout.infra / "dev" / "coredns" / "upstream-root.db",
+    )  # fmt: skip
+    s.start("dns-upstream", [
+        str(s.bin / "coredns"), "-conf", str(layout.upstream / "Corefile"),
+    ], netns=s.plan.inet_netns, cwd=layout.upstream)  # fmt: skip
+    s.start("upstream", [
+        sys.executable, "-m", "egressctl.devstack.upstream", f"--bind={s.plan.upstream_ip}",
+        f"--bind={s.plan.upstream_alt_ip}",
+        f"--tcp={node.UPSTREAM_TCP_PORT}", f"--udp={node.UPSTREAM_UDP_PORT}",
+    ], netns=s.plan.inet_netns, cwd=layout.repo)  # fmt: skip
+
+
 def up(layout: Layout) -> State:
     """Bring the stack up, or keep a healthy running one. Raises DevStackError, or
     MissingDependency (before anything starts) without the dev extra's packages."""
@@ -734,217 +998,48 @@ def up(layout: Layout) -> State:
     ports = free_ports(["etcd", "etcd_peer", "apiserver", "kcm", "scheduler", "pubsub"])
     state = State(bin_dir=str(bin_dir), slot=slot, ports=ports, images=refs, started_at=time.time())
     save_state(layout, state)
-    b = bin_dir
-    logs = layout.logs
-    npaths = layout.node
-
-    def start(name: str, argv: list[str], netns: str | None = None, **kw: Any) -> None:
-        if netns is not None:
-            argv = node.in_netns(netns, argv)
-        state.procs.append(spawn(name, argv, logs / f"{name}.log", **kw))
-        save_state(layout, state)
 
     with _stop_on_failure(layout, state):
         _say(f"creating the node's network (slot {slot}: {plan.node_netns}, {plan.inet_netns})")
         node.setup_network(plan)
-
-        ca = pki.CertificateAuthority(layout.pki, "ca")
-        serving = ca.issue(
-            "apiserver", "kube-apiserver", server=True,
-            ips=("127.0.0.1", plan.host_ip, plan.api_service_ip),
-            dns_names=("localhost", "kubernetes", "kubernetes.default",
-                       "kubernetes.default.svc", f"kubernetes.default.svc.{CLUSTER_DOMAIN}"),
-        )  # fmt: skip
-        admin = ca.issue("admin", "egress-dev-admin", organizations=("system:masters",))
-        kcm_cert = ca.issue("kcm", "system:kube-controller-manager")
-        sched_cert = ca.issue("scheduler", "system:kube-scheduler")
-        kubelet_cert = ca.issue(
-            "kubelet", f"system:node:{node.NODE_NAME}", organizations=("system:nodes",)
-        )
-        ca.issue(
-            "kubelet-serving", node.NODE_NAME, server=True, ips=(plan.node_ip,),
-            dns_names=(node.NODE_NAME,),
-        )  # fmt: skip
-        kubelet_client = ca.issue(
-            "apiserver-kubelet-client", "kube-apiserver-kubelet-client",
-            organizations=("system:masters",),
-        )  # fmt: skip
-        proxy_cert = ca.issue("kube-proxy", "system:kube-proxy")
-        router_cert = ca.issue("kube-router", "system:kube-router")
-        ident_certs = {
-            i: ca.issue(i, i, organizations=IDENTITY_GROUPS.get(i, ())) for i in IDENTITIES
-        }
-        sa = pki.service_account_keys(layout.pki)
-        # The aggregation layer's CA, as kubeadm sets it up: it fills the requestheader
-        # part of kube-system/extension-apiserver-authentication that the controller
-        # manager (and any aggregated API) reads.
-        front_ca = pki.CertificateAuthority(layout.pki, "front-proxy-ca")
-        front_client = front_ca.issue("front-proxy-client", "front-proxy-client")
+        s = Starter(layout, state, plan, bin_dir, issue_certificates(layout, plan))
 
         _say("starting etcd")
-        etcd_url = f"http://127.0.0.1:{ports['etcd']}"
-        peer_url = f"http://127.0.0.1:{ports['etcd_peer']}"
-        start("etcd", [
-            str(b / "etcd"), "--name=dev", f"--data-dir={layout.dev / 'etcd'}",
-            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
-            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
-            f"--initial-cluster=dev={peer_url}", "--unsafe-no-fsync", "--log-level=warn",
-        ])  # fmt: skip
-        # The JVM is the slowest starter: launch it now, check it at the end.
-        start("pubsub", pubsub_emulator_command(ports["pubsub"]))
-
-        # containerd needs no API server: start it now and import the images meanwhile.
-        cni_bin = node.cni_bin_dir()
-        npaths.cni_conf_dir.mkdir(parents=True, exist_ok=True)
-        (npaths.cni_conf_dir / "10-egdev.conflist").write_text(node.cni_conflist(plan, npaths))
-        npaths.containerd_config.parent.mkdir(parents=True, exist_ok=True)
-        npaths.containerd_config.write_text(node.containerd_config(npaths, cni_bin, refs["pause"]))
-        start("containerd", [
-            shutil.which("containerd") or "containerd",
-            f"--config={npaths.containerd_config}", "--log-level=warn",
-        ], netns=plan.node_netns)  # fmt: skip
+        start_etcd(s)
+        start_pubsub(s)  # the JVM is the slowest starter: launch it now, check it at the end
+        start_containerd(s)  # needs no API server: start it now, import the images meanwhile
         _wait_part(layout, state, "etcd")
 
         _say("starting kube-apiserver")
-        server = f"https://{plan.host_ip}:{ports['apiserver']}"
-        start("kube-apiserver", [
-            str(b / "kube-apiserver"),
-            f"--etcd-servers={etcd_url}",
-            f"--bind-address={plan.host_ip}", f"--secure-port={ports['apiserver']}",
-            f"--advertise-address={plan.host_ip}",
-            f"--tls-cert-file={serving.cert}", f"--tls-private-key-file={serving.key}",
-            f"--client-ca-file={ca.pair.cert}",
-            f"--service-account-key-file={sa.cert}",
-            f"--service-account-signing-key-file={sa.key}",
-            f"--service-account-issuer=https://kubernetes.default.svc.{CLUSTER_DOMAIN}",
-            "--authorization-mode=Node,RBAC",
-            "--enable-admission-plugins=NodeRestriction",
-            f"--service-cluster-ip-range={plan.service_cidr}",
-            "--allow-privileged=true",
-            f"--kubelet-client-certificate={kubelet_client.cert}",
-            f"--kubelet-client-key={kubelet_client.key}",
-            f"--kubelet-certificate-authority={ca.pair.cert}",
-            "--kubelet-preferred-address-types=InternalIP",
-            f"--requestheader-client-ca-file={front_ca.pair.cert}",
-            "--requestheader-allowed-names=front-proxy-client",
-            "--requestheader-username-headers=X-Remote-User",
-            "--requestheader-group-headers=X-Remote-Group",
-            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
-            f"--proxy-client-cert-file={front_client.cert}",
-            f"--proxy-client-key-file={front_client.key}",
-            f"--cert-dir={layout.pki / 'apiserver-generated'}",
-            "--profiling=false",
-        ])  # fmt: skip
+        start_apiserver(s)
         _wait_part(layout, state, "containerd")
         t0 = time.monotonic()
+        npaths = layout.node
         images.import_images(shutil.which("ctr") or "ctr", str(npaths.containerd_socket), archives)
         _say(f"images imported into the node ({time.monotonic() - t0:.1f}s)")
         state.timings["images-imported"] = round(time.time() - state.started_at, 2)
         _wait_part(layout, state, "kube-apiserver")
         node.guard_pods(plan, ports["apiserver"])
-
-        _kubeconfig(layout.kubeconfig, server, ca.pair.cert, admin, "egress-dev-admin")
-        kc = {
-            "kube-controller-manager": (kcm_cert, "system:kube-controller-manager"),
-            "kube-scheduler": (sched_cert, "system:kube-scheduler"),
-            "kubelet": (kubelet_cert, f"system:node:{node.NODE_NAME}"),
-            "kube-proxy": (proxy_cert, "system:kube-proxy"),
-            "kube-router": (router_cert, "system:kube-router"),
-        }
-        kubeconfigs = {}
-        for part, (cert, user) in kc.items():
-            kubeconfigs[part] = layout.dev / f"kubeconfig-{part}"
-            _kubeconfig(kubeconfigs[part], server, ca.pair.cert, cert, user)
-        for ident, cert in ident_certs.items():
-            _kubeconfig(layout.identity_kubeconfig(ident), server, ca.pair.cert, cert, ident)
+        write_kubeconfigs(s)
 
         _say("starting kube-controller-manager and kube-scheduler")
-        kcm_kubeconfig = kubeconfigs["kube-controller-manager"]
-        start("kube-controller-manager", [
-            str(b / "kube-controller-manager"),
-            f"--kubeconfig={kcm_kubeconfig}",
-            f"--authentication-kubeconfig={kcm_kubeconfig}",
-            f"--authorization-kubeconfig={kcm_kubeconfig}",
-            "--bind-address=127.0.0.1", f"--secure-port={ports['kcm']}",
-            f"--cert-dir={layout.pki / 'kcm-generated'}",
-            "--controllers=*", "--use-service-account-credentials=true",
-            f"--service-account-private-key-file={sa.key}",
-            f"--root-ca-file={ca.pair.cert}",
-            f"--cluster-signing-cert-file={ca.pair.cert}",
-            f"--cluster-signing-key-file={ca.pair.key}",
-            f"--service-cluster-ip-range={plan.service_cidr}",
-            "--allocate-node-cidrs=true", f"--cluster-cidr={plan.pod_cidr}",
-            "--node-cidr-mask-size=24",
-            "--leader-elect=false",
-            "--profiling=false",
-        ])  # fmt: skip
-        sched_kubeconfig = kubeconfigs["kube-scheduler"]
-        start("kube-scheduler", [
-            str(b / "kube-scheduler"),
-            f"--kubeconfig={sched_kubeconfig}",
-            f"--authentication-kubeconfig={sched_kubeconfig}",
-            f"--authorization-kubeconfig={sched_kubeconfig}",
-            "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}",
-            "--leader-elect=false",
-            "--profiling=false",
-        ])  # fmt: skip
+        start_controller_manager(s)
+        start_scheduler(s)
 
         _say("starting the node: kubelet, kube-proxy, kube-router")
-        npaths.resolv_conf.write_text(node.resolv_conf(plan))
-        npaths.kubelet_config.write_text(
-            node.kubelet_config(plan, npaths, layout.pki, KUBELET_SYNC_S)
-        )
-        start("kubelet", [
-            str(b / "kubelet"),
-            f"--config={npaths.kubelet_config}",
-            f"--kubeconfig={kubeconfigs['kubelet']}",
-            f"--root-dir={npaths.kubelet_root}",
-            f"--cert-dir={npaths.root / 'kubelet-pki'}",
-            f"--hostname-override={node.NODE_NAME}",
-            f"--node-ip={plan.node_ip}",
-            "--v=1",
-        ], netns=plan.node_netns)  # fmt: skip
-        npaths.kube_proxy_config.write_text(node.kube_proxy_config(plan, kubeconfigs["kube-proxy"]))
-        start("kube-proxy", [
-            str(b / "kube-proxy"), f"--config={npaths.kube_proxy_config}", "--v=1",
-        ], netns=plan.node_netns)  # fmt: skip
-        start("kube-router", [
-            str(b / "kube-router"),
-            f"--kubeconfig={kubeconfigs['kube-router']}",
-            f"--hostname-override={node.NODE_NAME}",
-            "--run-firewall=true", "--run-router=false", "--run-service-proxy=false",
-            f"--service-cluster-ip-range={plan.service_cidr}",
-            "--health-port=20244", "--metrics-port=0", "--v=1",
-        ], netns=plan.node_netns)  # fmt: skip
+        start_kubelet(s)
+        start_kube_proxy(s)
+        start_kube_router(s)
 
         _say("starting the offline internet (upstream DNS and test services)")
-        hosts = layout.upstream / "hosts"
-        base_hosts = (layout.infra / "dev" / "coredns" / "upstream.hosts").read_text()
-        hosts.write_text(node.upstream_hosts(plan, base_hosts))
-        _render(
-            layout.infra / "dev" / "coredns" / "upstream.Corefile.tmpl",
-            layout.upstream / "Corefile",
-            UPSTREAM_ADDR=plan.upstream_dns_ip, HOSTS_FILE=hosts,
-            ROOT_ZONE=layout.infra / "dev" / "coredns" / "upstream-root.db",
-        )  # fmt: skip
-        start("dns-upstream", [
-            str(b / "coredns"), "-conf", str(layout.upstream / "Corefile"),
-        ], netns=plan.inet_netns, cwd=layout.upstream)  # fmt: skip
-        start("upstream", [
-            sys.executable, "-m", "egressctl.devstack.upstream", f"--bind={plan.upstream_ip}",
-            f"--bind={plan.upstream_alt_ip}",
-            f"--tcp={node.UPSTREAM_TCP_PORT}", f"--udp={node.UPSTREAM_UDP_PORT}",
-        ], netns=plan.inet_netns, cwd=layout.repo)  # fmt: skip
+        start_offline_internet(s)
 
         _wait_part(layout, state, "kube-controller-manager")
         _wait_part(layout, state, "kube-scheduler")
         apply_infra(layout)
         apply_node_manifests(layout, plan, refs["coredns"])
-        _wait_part(layout, state, "dns-upstream")
-        _wait_part(layout, state, "upstream")
-        _wait_part(layout, state, "kubelet")
-        _wait_part(layout, state, "kube-proxy")
-        _wait_part(layout, state, "kube-router")
+        for part in ("dns-upstream", "upstream", "kubelet", "kube-proxy", "kube-router"):
+            _wait_part(layout, state, part)
         _wait_default_service_account(layout)
         _wait("cluster-dns", lambda: cluster_dns_ok(state), None, state=state)
         _wait_part(layout, state, "pubsub")
