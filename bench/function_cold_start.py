@@ -30,7 +30,7 @@ NAME = "bench-cold"
 def main() -> None:
     from core import constants as c
     from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
-    from core.notice import Notice
+    from core.notice import EventType, Notice, NoticeChange, NoticeKind
     from egressctl.pipeline import LocalPipeline, PipelineConfig, free_port
 
     with bench_stack() as env:
@@ -69,7 +69,12 @@ def main() -> None:
                         time.sleep(0.005)
                 t_listen = time.monotonic()
                 notice = Notice(
-                    NAME, c.KIND, "spec", "MODIFIED", str(trial + 1), dt.datetime.now(dt.UTC)
+                    NAME,
+                    NoticeKind.EXTERNAL_SERVICE,
+                    NoticeChange.SPEC,
+                    EventType.MODIFIED,
+                    str(trial + 1),
+                    dt.datetime.now(dt.UTC),
                 )
                 push = {
                     "subscription": "projects/p/subscriptions/s",

@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from core.names import DNS1123_SUBDOMAIN
@@ -22,22 +23,37 @@ VERSION = 1
 # Topics for notices and sweep triggers, unless EGRESS_EVENTS_TOPIC/EGRESS_SWEEP_TOPIC say.
 DEFAULT_EVENTS_TOPIC = "egress-events"
 DEFAULT_SWEEP_TOPIC = "egress-sweep"
-# Which object moved: the ExternalService itself, or its gateway Deployment (readiness).
-KINDS = frozenset({"ExternalService", "Deployment"})
-# Watch event types, plus RELIST: published for every object found by a (re-)list.
-EVENT_TYPES = frozenset({"ADDED", "MODIFIED", "DELETED", "RELIST"})
-CHANGES = frozenset(
-    {
-        "created",  # first seen
-        "spec",  # generation moved
-        "deleting",  # deletionTimestamp set
-        "finalizers",  # finalizers changed
-        "deleted",  # gone from the API
-        "readiness",  # gateway Deployment's ready replicas moved
-        "gateway-deleted",  # the gateway Deployment was deleted (drift)
-        "relist",  # found by a list after start-up or a 410
-    }
-)
+
+
+class NoticeKind(StrEnum):
+    """Which object moved: the ExternalService itself, or its gateway Deployment (readiness)."""
+
+    EXTERNAL_SERVICE = "ExternalService"
+    DEPLOYMENT = "Deployment"
+
+
+class EventType(StrEnum):
+    """The watch event's type, or RELIST for every object found by a (re-)list."""
+
+    ADDED = "ADDED"
+    MODIFIED = "MODIFIED"
+    DELETED = "DELETED"
+    RELIST = "RELIST"
+
+
+class NoticeChange(StrEnum):
+    """What happened to the object, as the exporter saw it."""
+
+    CREATED = "created"  # first seen
+    SPEC = "spec"  # generation moved
+    DELETING = "deleting"  # deletionTimestamp set
+    FINALIZERS = "finalizers"  # finalizers changed
+    DELETED = "deleted"  # gone from the API
+    READINESS = "readiness"  # gateway Deployment's ready replicas moved
+    GATEWAY_DELETED = "gateway-deleted"  # the gateway Deployment was deleted (drift)
+    RELIST = "relist"  # found by a list after start-up or a 410
+
+
 FIELDS = frozenset({"v", "name", "kind", "change", "type", "resourceVersion", "time"})
 _RV = re.compile(r"^[0-9]{1,20}$")
 
@@ -53,9 +69,9 @@ class BadNotice(Malformed):
 @dataclass(frozen=True, slots=True)
 class Notice:
     name: str
-    kind: str
-    change: str
-    type: str
+    kind: NoticeKind
+    change: NoticeChange
+    type: EventType
     resource_version: str
     time: dt.datetime
 
@@ -63,9 +79,9 @@ class Notice:
         return {
             "v": VERSION,
             "name": self.name,
-            "kind": self.kind,
-            "change": self.change,
-            "type": self.type,
+            "kind": str(self.kind),
+            "change": str(self.change),
+            "type": str(self.type),
             "resourceVersion": self.resource_version,
             "time": format_time(self.time),
         }
@@ -75,7 +91,7 @@ class Notice:
 
     def attributes(self) -> dict[str, str]:
         """Pub/Sub attributes: filterable without decoding the body."""
-        return {"name": self.name, "change": self.change, "type": self.type}
+        return {"name": self.name, "change": str(self.change), "type": str(self.type)}
 
 
 def format_time(when: dt.datetime) -> str:
@@ -169,13 +185,11 @@ def parse_notice(data: bytes) -> Notice:
     name = body["name"]
     if not valid_name(name):
         raise BadNotice(f"name {name[:80]!r} is not a Kubernetes object name")
-    if body["kind"] not in KINDS:
-        raise BadNotice(f"kind {body['kind'][:40]!r} is not one of {', '.join(sorted(KINDS))}")
-    if body["type"] not in EVENT_TYPES:
-        raise BadNotice(
-            f"type {body['type'][:40]!r} is not one of {', '.join(sorted(EVENT_TYPES))}"
-        )
-    if body["change"] not in CHANGES:
+    if body["kind"] not in set(NoticeKind):
+        raise BadNotice(f"kind {body['kind'][:40]!r} is not one of {_one_of(NoticeKind)}")
+    if body["type"] not in set(EventType):
+        raise BadNotice(f"type {body['type'][:40]!r} is not one of {_one_of(EventType)}")
+    if body["change"] not in set(NoticeChange):
         raise BadNotice(f"change {body['change'][:40]!r} is not a known change")
     if not _RV.match(body["resourceVersion"]):
         raise BadNotice(f"resourceVersion {body['resourceVersion'][:40]!r} is not a number")
@@ -185,4 +199,15 @@ def parse_notice(data: bytes) -> Notice:
         raise BadNotice(f"time {body['time'][:40]!r} is out of range") from None
     except ValueError:
         raise BadNotice(f"time {body['time'][:40]!r} is not an RFC 3339 timestamp") from None
-    return Notice(name, body["kind"], body["change"], body["type"], body["resourceVersion"], when)
+    return Notice(
+        name,
+        NoticeKind(body["kind"]),
+        NoticeChange(body["change"]),
+        EventType(body["type"]),
+        body["resourceVersion"],
+        when,
+    )
+
+
+def _one_of(values: type[StrEnum]) -> str:
+    return ", ".join(sorted(str(v) for v in values))

@@ -28,7 +28,7 @@ from core import constants as c
 from core import logs
 from core.errors import PermanentError, TransientError, classify
 from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, Gone, Kube, Obj, Resource
-from core.notice import Notice
+from core.notice import EventType, Notice, NoticeChange, NoticeKind
 from exporter.publisher import Publisher
 from exporter.settings import ExporterSettings
 
@@ -63,19 +63,19 @@ class SeenExternalService:
 
 def external_service_change(
     previous: SeenExternalService | None, event_type: str, obj: Obj
-) -> str | None:
+) -> NoticeChange | None:
     """The change a watch event makes to an ExternalService, or None for a status-only write."""
     if event_type == "DELETED":
-        return "deleted"
+        return NoticeChange.DELETED
     now = SeenExternalService.of(obj)
     if previous is None or previous.uid != now.uid:
-        return "created"
+        return NoticeChange.CREATED
     if now.deleting and not previous.deleting:
-        return "deleting"
+        return NoticeChange.DELETING
     if now.generation != previous.generation:
-        return "spec"
+        return NoticeChange.SPEC
     if now.finalizers != previous.finalizers:
-        return "finalizers"
+        return NoticeChange.FINALIZERS
     return None
 
 
@@ -92,15 +92,17 @@ class SeenDeployment:
         )
 
 
-def deployment_change(previous: SeenDeployment | None, event_type: str, obj: Obj) -> str | None:
+def deployment_change(
+    previous: SeenDeployment | None, event_type: str, obj: Obj
+) -> NoticeChange | None:
     """Readiness moves the hijack state; a deleted Deployment is drift to repair at once."""
     if event_type == "DELETED":
-        return "gateway-deleted"
+        return NoticeChange.GATEWAY_DELETED
     now = SeenDeployment.of(obj)
     if previous is None or previous.uid != now.uid:
         # Our own reconcile just created it; only a ready one has news.
-        return "readiness" if now.ready > 0 else None
-    return "readiness" if now.ready != previous.ready else None
+        return NoticeChange.READINESS if now.ready > 0 else None
+    return NoticeChange.READINESS if now.ready != previous.ready else None
 
 
 def gateway_of(obj: Obj) -> str | None:
@@ -168,7 +170,9 @@ class Exporter:
 
     # -- notices ---------------------------------------------------------------------------
 
-    def _publish(self, name: str, kind: str, change: str, event_type: str, rv: str) -> None:
+    def _publish(
+        self, name: str, kind: NoticeKind, change: NoticeChange, event_type: EventType, rv: str
+    ) -> None:
         notice = Notice(name, kind, change, event_type, rv or "0", self.clock())
         self.publisher.publish(notice)
         logs.log(
@@ -190,7 +194,8 @@ class Exporter:
         else:
             self.es_seen[name] = SeenExternalService.of(obj)
         if change is not None:
-            self._publish(name, c.KIND, change, event_type, str(meta.get("resourceVersion", "")))
+            rv = str(meta.get("resourceVersion", ""))
+            self._publish(name, NoticeKind.EXTERNAL_SERVICE, change, EventType(event_type), rv)
 
     def on_deployment(self, event_type: str, obj: Obj) -> None:
         name = gateway_of(obj)
@@ -203,7 +208,7 @@ class Exporter:
             self.deployments_seen[name] = SeenDeployment.of(obj)
         if change is not None:
             rv = str((obj.get("metadata") or {}).get("resourceVersion", ""))
-            self._publish(name, DEPLOYMENT.kind, change, event_type, rv)
+            self._publish(name, NoticeKind.DEPLOYMENT, change, EventType(event_type), rv)
 
     def relist(self, key: str) -> str:
         """List everything; publish what the list implies; return the list's resourceVersion."""
@@ -218,10 +223,16 @@ class Exporter:
                 meta = item["metadata"]
                 seen[meta["name"]] = SeenExternalService.of(item)
                 self._publish(
-                    meta["name"], c.KIND, "relist", "RELIST", str(meta.get("resourceVersion", ""))
+                    meta["name"],
+                    NoticeKind.EXTERNAL_SERVICE,
+                    NoticeChange.RELIST,
+                    EventType.RELIST,
+                    str(meta.get("resourceVersion", "")),
                 )
             for name in sorted(set(self.es_seen) - set(seen)):
-                self._publish(name, c.KIND, "deleted", "RELIST", rv)
+                self._publish(
+                    name, NoticeKind.EXTERNAL_SERVICE, NoticeChange.DELETED, EventType.RELIST, rv
+                )
             self.es_seen = seen
         else:
             fresh: dict[str, SeenDeployment] = {}
@@ -234,9 +245,21 @@ class Exporter:
                 old = self.deployments_seen.get(name)
                 if watch.listed and (old is None or old.ready != fresh[name].ready):
                     rv_item = str(item["metadata"].get("resourceVersion", ""))
-                    self._publish(name, DEPLOYMENT.kind, "readiness", "RELIST", rv_item)
+                    self._publish(
+                        name,
+                        NoticeKind.DEPLOYMENT,
+                        NoticeChange.READINESS,
+                        EventType.RELIST,
+                        rv_item,
+                    )
             for name in sorted(set(self.deployments_seen) - set(fresh)):
-                self._publish(name, DEPLOYMENT.kind, "gateway-deleted", "RELIST", rv)
+                self._publish(
+                    name,
+                    NoticeKind.DEPLOYMENT,
+                    NoticeChange.GATEWAY_DELETED,
+                    EventType.RELIST,
+                    rv,
+                )
             self.deployments_seen = fresh
         # Only once Pub/Sub has every notice of the list is the list's resourceVersion ours.
         if not self.publisher.flush(self.settings.publish_timeout_s):

@@ -52,30 +52,9 @@ GATEWAY_NAMESPACE=egress-operator-system
 
 say() { printf '[gcp] %s\n' "$*" >&2; }
 
-# Run a command, or print it (quoted, so it can be pasted) in dry-run mode.
-run() {
-  if [ "$DRY_RUN" = 1 ]; then
-    printf '+'
-    printf ' %q' "$@"
-    printf '\n'
-  else
-    "$@"
-  fi
-}
-
-# Like run, for a command whose output is needed; prints PLACEHOLDER in dry-run mode.
-capture() {
-  local placeholder=$1
-  shift
-  if [ "$DRY_RUN" = 1 ]; then
-    printf '+' >&2
-    printf ' %q' "$@" >&2
-    printf '\n' >&2
-    printf '%s' "$placeholder"
-  else
-    "$@"
-  fi
-}
+# run and capture: print instead of running under --dry-run.
+# shellcheck source-path=SCRIPTDIR source=../lib/dry-run.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib/dry-run.sh"
 
 # Whether a `gcloud ... describe` finds its resource (a dry run assumes it does not).
 exists() {
