@@ -17,7 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 @contextmanager
 def bench_stack() -> Iterator[dict[str, str]]:
     os.environ.setdefault("EGRESS_DEV_DIR", str(REPO / ".cache" / "dev-bench"))
-    from egressctl.devstack.stack import Layout, env_values, healthy, load_state
+    from egressctl.devstack.stack import (
+        Layout,
+        env_values,
+        healthy,
+        load_state,
+        refresh_node_manifests,
+    )
 
     layout = Layout(REPO)
     state = load_state(layout)
@@ -33,6 +39,8 @@ def bench_stack() -> Iterator[dict[str, str]]:
         started = True
         state = load_state(layout)
         assert state is not None
+    else:
+        refresh_node_manifests(layout, state)  # a reused stack gets the working tree's CoreDNS
     env = env_values(layout, state)
     os.environ.update(env)  # kubectl and the test helpers read KUBECONFIG, ENVOY_IMAGE
     try:

@@ -53,10 +53,23 @@ DEFAULT_DELETE_GRACE_S = 120
 DEFAULT_DELETE_GRACE_WITHOUT_NUDGE_S = 180
 DEFAULT_SWEEP_CONCURRENCY = 4
 DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"
+# How many ConfigMaps may hold rules: DNS_CONFIGMAP_NAME, then DNS_CONFIGMAP_NAME-1 ... -(N-1).
+# CoreDNS mounts all of them (optional sources of one projected volume, infra/coredns), so a
+# shard coming into use changes nothing there; infra/rbac names each of them.
+DEFAULT_DNS_CONFIGMAP_SHARDS = 8
+MAX_DNS_CONFIGMAP_SHARDS = 32
 # Where the cluster's CoreDNS mounts DEFAULT_DNS_CONFIGMAP (see README, "Cluster DNS").
 DEFAULT_IMPORT_PATH = "/etc/coredns/egress-gateways/*.override"
 # The Service in front of the cluster's CoreDNS; its EndpointSlices name the pods to nudge.
 DEFAULT_COREDNS_SERVICE = "kube-dns"
+# CLUSTER_DNS: which cluster DNS the reconciler configures for hijackDns. "coredns": the cluster
+# runs CoreDNS that imports our rules ConfigMap (README, "What your CoreDNS needs"). "none": no
+# CoreDNS we may configure (GKE's kube-dns or Cloud DNS, Autopilot's managed kube-system): the
+# reconciler never reads or writes DNS_CONFIGMAP_NAMESPACE, needs no grant there, and tells each
+# ExternalService that asks for hijackDns that it is not available; gateways work unchanged.
+CLUSTER_DNS_COREDNS = "coredns"
+CLUSTER_DNS_NONE = "none"
+CLUSTER_DNS_CHOICES = (CLUSTER_DNS_COREDNS, CLUSTER_DNS_NONE)
 
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/:@]*$")
 
@@ -85,8 +98,10 @@ class Settings:
     service_topology_mode: bool = False
     enable_pdb: bool = False
     delete_grace_s: int = DEFAULT_DELETE_GRACE_S
+    cluster_dns: str = CLUSTER_DNS_COREDNS
     dns_configmap_namespace: str = "kube-system"
     dns_configmap_name: str = DEFAULT_DNS_CONFIGMAP
+    dns_configmap_shards: int = DEFAULT_DNS_CONFIGMAP_SHARDS
     coredns_configmap_name: str = "coredns"
     corefile_key: str = "Corefile"
     manage_coredns_import: bool = False
@@ -98,6 +113,17 @@ class Settings:
     # egress-auditor role too (it then reads every pod): off by default, see README.
     sweep_access_audit: bool = False
     ceilings: Ceilings = DEFAULT_CEILINGS
+
+    @property
+    def dns_configmap_names(self) -> tuple[str, ...]:
+        """Our rules ConfigMaps, the first one (DNS_CONFIGMAP_NAME) first."""
+        base = self.dns_configmap_name
+        return (base, *(f"{base}-{i}" for i in range(1, self.dns_configmap_shards)))
+
+    @property
+    def hijack_available(self) -> bool:
+        """Whether the reconciler configures cluster DNS at all (CLUSTER_DNS=coredns)."""
+        return self.cluster_dns == CLUSTER_DNS_COREDNS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -221,6 +247,16 @@ class Settings:
             memory=quantity_ceiling(ENV_MAX_MEMORY, MEMORY, DEFAULT_CEILING_MEMORY),
         )
         nudge = flag("NUDGE_COREDNS_PODS", True)
+        cluster_dns = get("CLUSTER_DNS", CLUSTER_DNS_COREDNS)
+        if cluster_dns not in CLUSTER_DNS_CHOICES:
+            env_.error("CLUSTER_DNS", f"must be coredns or none (got {cluster_dns!r})")
+            cluster_dns = CLUSTER_DNS_COREDNS
+        manage_import = flag("MANAGE_COREDNS_IMPORT")
+        if manage_import and cluster_dns == CLUSTER_DNS_NONE:
+            env_.error(
+                "MANAGE_COREDNS_IMPORT",
+                "is true but CLUSTER_DNS=none: there is no Corefile the reconciler may edit",
+            )
         settings = cls(
             envoy_image=image,
             gateway_namespace=namespace,
@@ -238,11 +274,18 @@ class Settings:
                 0,
             ),
             sweep_concurrency=whole_number("SWEEP_CONCURRENCY", DEFAULT_SWEEP_CONCURRENCY, 1),
+            cluster_dns=cluster_dns,
             dns_configmap_namespace=dns_ns,
             dns_configmap_name=object_name("DNS_CONFIGMAP_NAME", DEFAULT_DNS_CONFIGMAP),
+            dns_configmap_shards=whole_number(
+                "DNS_CONFIGMAP_SHARDS",
+                DEFAULT_DNS_CONFIGMAP_SHARDS,
+                1,
+                MAX_DNS_CONFIGMAP_SHARDS,
+            ),
             coredns_configmap_name=object_name("COREDNS_CONFIGMAP_NAME", "coredns"),
             corefile_key=corefile_key,
-            manage_coredns_import=flag("MANAGE_COREDNS_IMPORT"),
+            manage_coredns_import=manage_import,
             coredns_import_path=import_path,
             nudge_coredns_pods=nudge,
             coredns_service_name=object_name("COREDNS_SERVICE_NAME", DEFAULT_COREDNS_SERVICE),

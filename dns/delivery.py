@@ -16,6 +16,18 @@ the rules unchanged for ``SETTLE_AFTER_S`` adds a marker key (dns.render.SETTLE_
 change of what CoreDNS imports, made when nothing else is changing. The next rules write drops
 the marker again. The sweep runs a sync on its schedule, so DNS converges within a sweep
 interval even when no ExternalService changes.
+
+Beyond one ConfigMap (about 9,000 names) the rules are spread over up to DNS_CONFIGMAP_SHARDS
+ConfigMaps, ``<name>``, ``<name>-1``, ... (dns.render says which rule goes where), all optional
+sources of one projected volume in the CoreDNS pods, so the same glob imports them all and a
+shard coming into use changes nothing in CoreDNS. The first ConfigMap is the commit point:
+every sync reads *all* of them before listing the Services, and every rules write writes the
+first one too, last (or first, when rules move into it from the others, so that no rule is ever
+absent from all of them at once), each with its own resourceVersion precondition. So any two
+syncs that both write share at least one precondition: one of them fails with 409 and starts
+over from fresh state, as with one ConfigMap. The first one also carries the
+rules-written-at annotation, the settle marker and the version the pods are nudged with; a
+write of it with unchanged data is a change of nothing CoreDNS reads.
 """
 
 from __future__ import annotations
@@ -27,12 +39,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core import constants as c
-from core.errors import PermanentError, ReconcileError, TransientError
+from core.errors import ReconcileError, TransientError
 from core.hijack import HijackState
 from core.kube import CONFIGMAP, ENDPOINT_SLICE, POD, SERVICE, Kube, Obj
 from core.settings import Settings
 from dns import corefile
-from dns.render import SETTLE_KEY, Claim, Rendered, render, rules_only, settled
+from dns.render import (
+    MAX_CONFIGMAP_BYTES,
+    SETTLE_KEY,
+    Claim,
+    Rendered,
+    render,
+    rules_only,
+    settled,
+)
 
 MAX_ATTEMPTS = 8
 # Longer than a nudged delivery (about a second) plus CoreDNS's `reload 2s` and its jitter, so
@@ -45,6 +65,12 @@ log = logging.getLogger(__name__)
 
 
 REASON_NOT_WIRED = "CoreDNSNotWired"
+# CLUSTER_DNS=none: the reconciler configures no cluster DNS (and may touch nothing where it lives).
+REASON_UNAVAILABLE = "DnsHijackUnavailable"
+UNAVAILABLE_MESSAGE = (
+    "DNS hijacking is not available in this cluster (CLUSTER_DNS=none: no CoreDNS the "
+    "reconciler may configure); the gateway, its Service and its NetworkPolicy work without it"
+)
 
 
 @dataclass
@@ -54,9 +80,17 @@ class DnsVerdicts:
     rendered: Rendered
     corefile_problem: str = ""
     corefile_added: str = ""
+    # CLUSTER_DNS=none: every claim is refused, saying so, and where clients find the gateway
+    # ("<namespace>.svc.<cluster domain>", which the gateway's name completes).
+    unavailable_in: str = ""
 
     def refusal(self, name: str) -> tuple[str, str] | None:
         """(reason, message) for a gateway whose hijack state is true but whose name is not."""
+        if self.unavailable_in:
+            return (
+                REASON_UNAVAILABLE,
+                f"{UNAVAILABLE_MESSAGE}: clients call {name}.{self.unavailable_in} instead",
+            )
         refused = self.rendered.refused.get(name)
         if refused is not None:
             return refused
@@ -87,7 +121,8 @@ class DnsReport(DnsVerdicts):
                 for k, (r, m) in sorted(self.rendered.refused.items())
             },
             "drift": self.drift,
-            "corefile": self.corefile_problem or "ok",
+            "corefile": self.corefile_problem or ("not used" if self.unavailable_in else "ok"),
+            **({"unavailable": UNAVAILABLE_MESSAGE} if self.unavailable_in else {}),
             "nudged": self.nudged,
             **({"nudge_problem": self.nudge_problem} if self.nudge_problem else {}),
         }
@@ -122,10 +157,13 @@ class DnsDelivery:
         settings: Settings,
         clock: Callable[[], dt.datetime] = _utcnow,
         settle_after_s: float = SETTLE_AFTER_S,
+        max_configmap_bytes: int = MAX_CONFIGMAP_BYTES,
     ) -> None:
         self.settings = settings
         self.clock = clock
         self.settle_after_s = settle_after_s
+        # Each ConfigMap's budget; smaller only in tests that need several without 9,000 names.
+        self.max_configmap_bytes = max_configmap_bytes
 
     def _services(self, kube: Kube) -> list[Obj]:
         items, _ = kube.list_all(
@@ -137,66 +175,146 @@ class DnsDelivery:
 
     def preview(self, services: list[Obj]) -> Rendered:
         """What the rules would be for these Services (no I/O)."""
+        return self.render(claims_from_services(services))
+
+    def render(self, claims: list[Claim]) -> Rendered:
+        """What the rules would be for these claims, spread as delivery writes them (no I/O)."""
+        s = self.settings
         return render(
-            claims_from_services(services),
-            self.settings.gateway_namespace,
-            self.settings.cluster_domain,
+            claims,
+            s.gateway_namespace,
+            s.cluster_domain,
+            s.dns_configmap_shards,
+            self.max_configmap_bytes,
         )
 
-    def sync(self, kube: Kube) -> DnsReport:
-        """Converge our DNS ConfigMap (and, if allowed, the Corefile import) to live state."""
+    def _unavailable_in(self) -> str:
+        """Where gateway Services answer, when CLUSTER_DNS=none ("" when hijacking works)."""
         s = self.settings
-        path = CONFIGMAP.path(s.dns_configmap_namespace, s.dns_configmap_name)
+        if s.hijack_available:
+            return ""
+        return f"{s.gateway_namespace}.svc.{s.cluster_domain.rstrip('.')}"
+
+    def verdicts(self, kube: Kube, rendered: Rendered) -> DnsVerdicts:
+        """Who will hold a claim once ``rendered`` is delivered, and whether CoreDNS reads the
+        rules (adding the import line if allowed, and nudging after such a write)."""
+        if not self.settings.hijack_available:
+            return DnsVerdicts(rendered, unavailable_in=self._unavailable_in())
+        problem = added = ""
+        if rendered.rules or self.settings.manage_coredns_import:
+            problem, added, version = self.ensure_corefile(kube)
+            self.nudge(kube, version)
+        return DnsVerdicts(rendered, problem, added)
+
+    def sync(self, kube: Kube) -> DnsReport:
+        """Converge our DNS ConfigMap (and, if allowed, the Corefile import) to live state.
+
+        With CLUSTER_DNS=none it sends no request at all: every claim is refused as unavailable.
+        """
+        s = self.settings
+        if not s.hijack_available:
+            return DnsReport(Rendered(), unavailable_in=self._unavailable_in())
+        ns, names = s.dns_configmap_namespace, s.dns_configmap_names
         for _ in range(MAX_ATTEMPTS):
-            live = kube.get(CONFIGMAP, s.dns_configmap_name, s.dns_configmap_namespace)
+            # Every ConfigMap is read before the Services are listed (see the module docstring).
+            lives = [kube.get(CONFIGMAP, name, ns) for name in names]
+            live = lives[0]
             rendered = self.preview(self._services(kube))
             report = DnsReport(rendered)
             live_data = (live or {}).get("data") or {}
-            if live is not None and rules_only(live_data) == rendered.data:
+            live_rules = [rules_only((obj or {}).get("data") or {}) for obj in lives]
+            if live is not None and live_rules == rendered.shards:
                 self._check_corefile(kube, report, rendered)
                 version = report.corefile_version
                 if SETTLE_KEY not in live_data and self._quiet(live):
-                    settle_version = _write(kube, "PUT", path, {**live, "data": settled(live_data)})
+                    settle_version = _write(kube, {**live, "data": settled(live_data)})
                     if settle_version:  # else another writer got there first: a later sync settles
                         report.settled = True
                         version = settle_version
                 if version:
                     self._nudge(kube, report, version)
                 return report
-            if live is not None:
-                report.drift.append(_describe_drift(rules_only(live_data), rendered.data))
-            body: Obj = {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {
-                    "name": s.dns_configmap_name,
-                    "namespace": s.dns_configmap_namespace,
-                    "labels": {c.LABEL_APP: c.APP_VALUE},
-                    "annotations": {c.ANNOTATION_DNS_RULES_WRITTEN_AT: self._now()},
-                },
-                "data": rendered.data,
-            }
-            if live is None:
-                version = _write(kube, "POST", CONFIGMAP.path(s.dns_configmap_namespace), body)
-            else:
-                meta = live["metadata"]
-                body["metadata"]["resourceVersion"] = meta["resourceVersion"]
-                body["metadata"]["labels"] = {
-                    **(meta.get("labels") or {}),
-                    c.LABEL_APP: c.APP_VALUE,
-                }
-                body["metadata"]["annotations"] = {
-                    **(meta.get("annotations") or {}),
-                    c.ANNOTATION_DNS_RULES_WRITTEN_AT: self._now(),
-                }
-                version = _write(kube, "PUT", path, body)
+            if any(obj is not None for obj in lives):
+                merged = {k: v for data in live_rules for k, v in data.items()}
+                report.drift.append(_describe_drift(merged, rendered.data))
+            version = self._write_rules(kube, lives, live_rules, rendered.shards)
             if not version:
                 continue  # someone wrote in between: start over from fresh state
             report.written = True
             self._check_corefile(kube, report, rendered)
             self._nudge(kube, report, version)
             return report
-        raise TransientError(f"DNS ConfigMap kept changing under us ({MAX_ATTEMPTS} attempts)")
+        raise TransientError(f"DNS ConfigMaps kept changing under us ({MAX_ATTEMPTS} attempts)")
+
+    def _write_rules(
+        self,
+        kube: Kube,
+        lives: list[Obj | None],
+        live_rules: list[dict[str, str]],
+        desired: list[dict[str, str]],
+    ) -> str:
+        """Write every ConfigMap whose rules changed, and the first one in any case, each under
+        its own precondition. The first one's new resourceVersion, or "" when another writer got
+        to one of them first (some may be written then: the caller starts over)."""
+        names = self.settings.dns_configmap_names
+        others = [
+            i
+            for i in range(1, len(names))
+            if live_rules[i] != desired[i] and (lives[i] is not None or desired[i])
+        ]
+        # Rules moving into the first ConfigMap from the others are added there before they
+        # are removed there; otherwise the others go first and the first one commits.
+        into_first = _rule_lines(desired[0]) - _rule_lines(live_rules[0])
+        first_first = bool(into_first & {r for data in live_rules[1:] for r in _rule_lines(data)})
+        version = ""
+        if first_first:
+            version = self._write_first(kube, lives[0], desired[0])
+            if not version:
+                return ""
+        for i in others:
+            if not self._write_other(kube, names[i], lives[i], desired[i]):
+                return ""
+        if not first_first:
+            version = self._write_first(kube, lives[0], desired[0])
+        return version
+
+    def _write_first(self, kube: Kube, live: Obj | None, data: dict[str, str]) -> str:
+        """The first ConfigMap: its rules (without the settle marker), stamped with the time."""
+        s = self.settings
+        body: Obj = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": s.dns_configmap_name,
+                "namespace": s.dns_configmap_namespace,
+                "labels": {c.LABEL_APP: c.APP_VALUE},
+                "annotations": {c.ANNOTATION_DNS_RULES_WRITTEN_AT: self._now()},
+            },
+            "data": data,
+        }
+        if live is None:
+            return _write(kube, body, create=True)
+        meta = live["metadata"]
+        body["metadata"]["resourceVersion"] = meta["resourceVersion"]
+        body["metadata"]["labels"] = {**(meta.get("labels") or {}), c.LABEL_APP: c.APP_VALUE}
+        body["metadata"]["annotations"] = {
+            **(meta.get("annotations") or {}),
+            c.ANNOTATION_DNS_RULES_WRITTEN_AT: self._now(),
+        }
+        return _write(kube, body)
+
+    def _write_other(self, kube: Kube, name: str, live: Obj | None, data: dict[str, str]) -> str:
+        """Another ConfigMap: only its rules (emptied, never deleted, when it holds none)."""
+        ns = self.settings.dns_configmap_namespace
+        if live is None:
+            body: Obj = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": ns, "labels": {c.LABEL_APP: c.APP_VALUE}},
+                "data": data,
+            }
+            return _write(kube, body, create=True)
+        return _write(kube, {**live, "data": data})
 
     def _now(self) -> str:
         return self.clock().astimezone(dt.UTC).isoformat(timespec="microseconds")
@@ -228,8 +346,9 @@ class DnsDelivery:
         CoreDNS imports the rules.
         """
         s = self.settings
+        if not s.hijack_available:
+            return "", "", ""
         import_line = f"import {s.coredns_import_path}"
-        path = CONFIGMAP.path(s.dns_configmap_namespace, s.coredns_configmap_name)
         for _ in range(MAX_ATTEMPTS):
             cm = kube.get(CONFIGMAP, s.coredns_configmap_name, s.dns_configmap_namespace)
             text = ((cm or {}).get("data") or {}).get(s.corefile_key)
@@ -258,7 +377,7 @@ class DnsDelivery:
                 return str(exc), "", ""
             # PUT the whole live object (resourceVersion included) so nothing else changes.
             cm["data"][s.corefile_key] = updated
-            version = _write(kube, "PUT", path, cm)
+            version = _write(kube, cm)
             if version:
                 return "", missing, version
         raise TransientError("the CoreDNS ConfigMap kept changing under us")
@@ -278,7 +397,7 @@ class DnsDelivery:
         Returns the pods nudged and a description of what failed ("" when nothing did).
         """
         s = self.settings
-        if not s.nudge_coredns_pods or not version:
+        if not s.hijack_available or not s.nudge_coredns_pods or not version:
             return [], ""
         problems = []
         nudged = []
@@ -302,12 +421,12 @@ class DnsDelivery:
             if uid:
                 patch["metadata"]["uid"] = uid  # a precondition: never nudge a replacement
             try:
-                kube.request(
-                    "PATCH",
-                    POD.path(s.dns_configmap_namespace, name),
-                    query=[("fieldManager", c.FIELD_MANAGER)],
-                    body=patch,
-                    content_type="application/merge-patch+json",
+                kube.merge_patch(
+                    POD,
+                    name,
+                    patch,
+                    s.dns_configmap_namespace,
+                    field_manager=c.FIELD_MANAGER,
                     final_statuses=NUDGE_FINAL_STATUSES,
                 )
                 nudged.append(name)
@@ -320,16 +439,17 @@ class DnsDelivery:
         return nudged, problem
 
 
-def _write(kube: Kube, method: str, path: str, body: Obj) -> str:
-    """Create or replace under a precondition: the new resourceVersion, or "" when another
-    writer got there first."""
-    try:
-        result = kube.request(method, path, body=body, final_statuses=frozenset({409}))
-    except PermanentError as exc:
-        if exc.status == 409:
-            return ""
-        raise
-    return str(((result or {}).get("metadata") or {}).get("resourceVersion") or "-")
+def _write(kube: Kube, body: Obj, *, create: bool = False) -> str:
+    """Create, or replace under the precondition of the body's resourceVersion: the new
+    resourceVersion, or "" when another writer got there first (409)."""
+    result = kube.create(CONFIGMAP, body) if create else kube.replace(CONFIGMAP, body)
+    if result is None:
+        return ""
+    return str((result.get("metadata") or {}).get("resourceVersion") or "-")
+
+
+def _rule_lines(data: dict[str, str]) -> set[str]:
+    return {line for text in data.values() for line in text.splitlines() if line and line[0] != "#"}
 
 
 def _describe_drift(live: dict[str, str], desired: dict[str, str]) -> str:

@@ -13,11 +13,21 @@ Guards: names inside the cluster domain, ``localhost``, reverse zones, cloud met
 (the list is shared with the spec parser, which refuses them as upstreams), single labels and
 malformed names are never hijacked, and a name claimed by two ExternalServices goes to the
 older one. Every refusal names the ExternalService and why, for its DnsHijacked condition.
+
+Where the rules go: while they fit in one ConfigMap (MAX_CONFIGMAP_BYTES) they all go to the
+first, ``shards[0]``, keys ``egress-gateways-NNN.override``. Beyond that, with more than one
+ConfigMap allowed, each rule goes to one of the others by a hash of its name
+(``shards[1 + crc32(name) % (N - 1)]``, keys ``egress-gateways-sII-NNN.override``) and the
+first holds none: a name's ConfigMap does not depend on the other names, so one change rewrites
+one ConfigMap (and the first, where delivery commits; see dns.delivery), and the keys of all of
+them are distinct files in the one directory CoreDNS imports. Capacity is per ConfigMap, oldest
+claims first.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 
 from core.spec import check_dns_name, is_metadata_name
@@ -73,7 +83,9 @@ class Rendered:
     rules: list[Rule] = field(default_factory=list)
     granted: dict[str, str] = field(default_factory=dict)  # ExternalService -> dnsName
     refused: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (reason, message)
-    data: dict[str, str] = field(default_factory=dict)  # ConfigMap data
+    data: dict[str, str] = field(default_factory=dict)  # every key of every ConfigMap
+    # Data of each ConfigMap, the first one first (as many as allowed; unused ones are empty).
+    shards: list[dict[str, str]] = field(default_factory=lambda: [{}])
 
 
 class InvalidSnippet(ValueError):
@@ -164,8 +176,26 @@ def target_name(service: str, namespace: str, cluster_domain: str) -> str:
     return f"{service}.{namespace}.svc.{cluster_domain.rstrip('.')}"
 
 
-def render(claims: list[Claim], namespace: str, cluster_domain: str) -> Rendered:
-    """Grant each name to its oldest valid claim; shard the rules into ConfigMap keys."""
+def shard_of(dns_name: str, shards: int) -> int:
+    """The ConfigMap of a rule once the rules no longer fit in the first one (never 0)."""
+    return 1 + zlib.crc32(dns_name.encode()) % (shards - 1)
+
+
+def shard_key_prefix(index: int) -> str:
+    return KEY_PREFIX if index == 0 else f"{KEY_PREFIX}s{index:02d}-"
+
+
+def render(
+    claims: list[Claim],
+    namespace: str,
+    cluster_domain: str,
+    shards: int = 1,
+    max_configmap_bytes: int = MAX_CONFIGMAP_BYTES,
+) -> Rendered:
+    """Grant each name to its oldest valid claim; spread the rules over ``shards`` ConfigMaps
+    (see the module's docstring) and split each into keys."""
+    if shards < 1:
+        raise ValueError("shards must be at least 1")
     out = Rendered()
     winners: dict[str, Claim] = {}
     for claim in sorted(claims, key=_age):
@@ -184,38 +214,50 @@ def render(claims: list[Claim], namespace: str, cluster_domain: str) -> Rendered
             continue
         winners[dns_name] = claim
     # Capacity goes to the oldest claims; the rules are then written sorted by name.
-    total = len(HEADER)
-    for dns_name, claim in sorted(winners.items(), key=lambda item: _age(item[1])):
-        rule = Rule(dns_name, target_name(claim.name, namespace, cluster_domain))
-        if total + len(rule.line) > MAX_CONFIGMAP_BYTES:
+    by_age = [
+        (claim, Rule(dns_name, target_name(claim.name, namespace, cluster_domain)))
+        for dns_name, claim in sorted(winners.items(), key=lambda item: _age(item[1]))
+    ]
+    one = sum(len(rule.line) for _, rule in by_age) + len(HEADER) <= max_configmap_bytes
+    spread = shards > 1 and not one
+    totals = [len(HEADER)] * shards
+    placed: list[list[Rule]] = [[] for _ in range(shards)]
+    for claim, rule in by_age:
+        index = shard_of(rule.dns_name, shards) if spread else 0
+        if totals[index] + len(rule.line) > max_configmap_bytes:
+            where = f"DNS ConfigMap {index} of {shards}" if spread else "the DNS ConfigMap"
             out.refused[claim.name] = (
                 REASON_CAPACITY,
-                f"the DNS ConfigMap is full ({MAX_CONFIGMAP_BYTES} bytes); "
-                f"{dns_name} is not hijacked",
+                f"{where} is full ({max_configmap_bytes} bytes); {rule.dns_name} is not hijacked",
             )
             continue
-        total += len(rule.line)
+        totals[index] += len(rule.line)
+        placed[index].append(rule)
         out.rules.append(rule)
-        out.granted[claim.name] = dns_name
+        out.granted[claim.name] = rule.dns_name
     out.rules.sort(key=lambda rule: rule.dns_name)
-    out.data = shard(out.rules)
+    out.shards = [
+        shard(sorted(rules, key=lambda rule: rule.dns_name), shard_key_prefix(index))
+        for index, rules in enumerate(placed)
+    ]
+    out.data = {key: text for data in out.shards for key, text in data.items()}
     validate(out.data, namespace, cluster_domain)
     return out
 
 
-def shard(rules: list[Rule]) -> dict[str, str]:
+def shard(rules: list[Rule], key_prefix: str = KEY_PREFIX) -> dict[str, str]:
     """Split sorted rules into keys of at most MAX_KEY_BYTES, named in order."""
     data: dict[str, str] = {}
     current = HEADER
     index = 0
     for rule in rules:
         if len(current) + len(rule.line) > MAX_KEY_BYTES:
-            data[f"{KEY_PREFIX}{index:03d}{KEY_SUFFIX}"] = current
+            data[f"{key_prefix}{index:03d}{KEY_SUFFIX}"] = current
             index += 1
             current = HEADER
         current += rule.line
     if rules:
-        data[f"{KEY_PREFIX}{index:03d}{KEY_SUFFIX}"] = current
+        data[f"{key_prefix}{index:03d}{KEY_SUFFIX}"] = current
     return data
 
 

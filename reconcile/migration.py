@@ -884,8 +884,16 @@ def inspect_coredns(kube: Kube, settings: Settings) -> CoreDnsState:
         containers = pod.get("containers") or []
         coredns = next((ct for ct in containers if ct.get("name") == "coredns"), None)
         state.image = str((coredns or (containers[0] if containers else {})).get("image", ""))
+        # As one configMap volume (earlier versions) or one source of a projected volume.
         state.mounts_rules = any(
-            (v.get("configMap") or {}).get("name") == settings.dns_configmap_name
+            settings.dns_configmap_name
+            in {
+                (v.get("configMap") or {}).get("name"),
+                *(
+                    (source.get("configMap") or {}).get("name")
+                    for source in (v.get("projected") or {}).get("sources") or []
+                ),
+            }
             for v in pod.get("volumes") or []
         )
     corefile_cm = kube.get(CONFIGMAP, settings.coredns_configmap_name, ns)
@@ -897,10 +905,7 @@ def inspect_coredns(kube: Kube, settings: Settings) -> CoreDnsState:
             corefile, f"import {settings.coredns_import_path}", settings.cluster_domain
         )
         state.has_import, state.has_reload = verdict.has_import, verdict.has_reload
-    rules_cm = kube.get(CONFIGMAP, settings.dns_configmap_name, ns)
-    state.rules = sum(
-        text.count("rewrite ") for text in ((rules_cm or {}).get("data") or {}).values()
-    )
+    state.rules = _rules_in(kube, settings)
     services, _ = kube.list_all(
         SERVICE, settings.gateway_namespace, f"{c.LABEL_HIJACK_DNS}={HijackState.TRUE.value}"
     )
@@ -1340,14 +1345,22 @@ def plan_uninstall(
                 Release(meta["name"], bool(meta.get("deletionTimestamp")), finalizer, annotations)
             )
     live_exporter = kube.get(DEPLOYMENT, exporter, settings.gateway_namespace)
-    rules_cm = kube.get(CONFIGMAP, settings.dns_configmap_name, settings.dns_configmap_namespace)
     return UninstallPlan(
         releases,
         len(items) - len(releases),
         _deployment_state(live_exporter) if live_exporter is not None else None,
-        sum(text.count("rewrite ") for text in ((rules_cm or {}).get("data") or {}).values()),
+        _rules_in(kube, settings),
         f"{settings.dns_configmap_namespace}/{settings.dns_configmap_name}",
     )
+
+
+def _rules_in(kube: Kube, settings: Settings) -> int:
+    """Rewrite rules in all of our rules ConfigMaps (the settle marker counts as one)."""
+    total = 0
+    for name in settings.dns_configmap_names:
+        live = kube.get(CONFIGMAP, name, settings.dns_configmap_namespace)
+        total += sum(text.count("rewrite ") for text in ((live or {}).get("data") or {}).values())
+    return total
 
 
 def release(kube: Kube, name: str) -> bool:
@@ -1398,12 +1411,13 @@ def apply_uninstall(
     released = [r.name for r in plan.releases if release(kube, r.name)]
     cleared = 0
     if clear_dns:
-        ns, name = settings.dns_configmap_namespace, settings.dns_configmap_name
-        live = kube.get(CONFIGMAP, name, ns)
-        data = (live or {}).get("data") or {}
-        if data:
-            kube.merge_patch(CONFIGMAP, name, {"data": dict.fromkeys(data)}, ns)
-            cleared = plan.dns_rules
+        ns = settings.dns_configmap_namespace
+        for name in settings.dns_configmap_names:
+            live = kube.get(CONFIGMAP, name, ns)
+            data = (live or {}).get("data") or {}
+            if data:
+                kube.merge_patch(CONFIGMAP, name, {"data": dict.fromkeys(data)}, ns)
+        cleared = plan.dns_rules
     gone = [
         r.name for r in plan.releases if r.deleting and kube.get(EXTERNAL_SERVICE, r.name) is None
     ]

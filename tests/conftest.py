@@ -51,7 +51,9 @@ class DevStack:
         return self.env["PUBSUB_PROJECT_ID"]
 
     def identity_kubeconfig(self, identity: str) -> str:
-        return self.env["KUBECONFIG_" + identity.removeprefix("egress-").upper()]
+        from egressctl.devstack.stack import identity_env_key
+
+        return self.env[identity_env_key(identity)]
 
     def api_client(self, kubeconfig: str | None = None) -> Any:
         from kubernetes import config
@@ -91,6 +93,7 @@ def dev_stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
         env_values,
         healthy,
         load_state,
+        refresh_node_manifests,
     )
 
     layout = Layout(REPO)
@@ -99,10 +102,12 @@ def dev_stack(request: pytest.FixtureRequest) -> Iterator[DevStack]:
     if state is not None and healthy(layout, state):
         # A reused stack gets the working tree's CRD and RBAC (they may have changed since it
         # started), so RBAC tests check the manifests as they are now.
-        # Identities added since it started get their kubeconfigs from its CA.
+        # Identities added since it started get their kubeconfigs from its CA, and its cluster
+        # DNS the working tree's wiring (infra/dev/node, infra/coredns).
         try:
             ensure_identities(layout, state)
             apply_infra(layout)
+            refresh_node_manifests(layout, state)
         except DevStackError as exc:
             pytest.fail(f"applying infra/ to the running dev stack failed: {exc}", pytrace=False)
     else:

@@ -654,6 +654,21 @@ def apply_node_manifests(layout: Layout, plan: AddressPlan, coredns_image: str) 
         raise DevStackError(f"infra: applying infra/dev/node failed:\n{res.stderr.strip()}")
 
 
+def refresh_node_manifests(layout: Layout, state: State) -> None:
+    """Bring a running stack's node manifests (cluster DNS and its wiring) up to the working
+    tree's, as apply_infra does for infra/: nothing changes when they are the same; a changed
+    CoreDNS Deployment rolls its pod once, and this waits for that."""
+    plan, image = state.plan, state.images.get("coredns", "")
+    if plan is None or not image:
+        return
+    apply_node_manifests(layout, plan, image)
+    res = _kubectl(
+        layout, "-n", "kube-system", "rollout", "status", "deployment/coredns", "--timeout=180s"
+    )
+    if res.returncode != 0:
+        raise DevStackError(f"infra: CoreDNS did not roll out:\n{res.stderr.strip()}")
+
+
 def _wait_default_service_account(layout: Layout) -> None:
     """The serviceaccount controller creating `default` proves the controllers run."""
     t0 = time.monotonic()

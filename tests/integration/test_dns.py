@@ -411,3 +411,77 @@ def test_dns_delivery_as_the_reconciler_identity_only_touches_its_configmaps(
         as_reconciler.merge_patch(
             CONFIGMAP, "extension-apiserver-authentication", {"data": {"x": "y"}}, "kube-system"
         )
+
+
+def test_rules_spread_over_several_configmaps_and_every_one_answers(
+    admin: Kube, as_reconciler: Kube, settings: Settings, dev_stack: DevStack, unique: str
+) -> None:
+    """Past one ConfigMap's budget (a small one here stands in for 9,000 names) the rules spread
+    over the others, which CoreDNS mounts as optional sources of one projected volume: a name in
+    each of them answers its Service's ClusterIP, with nothing changed in CoreDNS; once they fit
+    again they gather back into the first and the others are emptied."""
+    from core.kube import DEPLOYMENT
+    from dns.render import rules_only, shard_of
+    from tests.integration.helpers import eventually
+
+    coredns = admin.get(DEPLOYMENT, "coredns", "kube-system")
+    assert coredns is not None
+    [volume] = [
+        v for v in coredns["spec"]["template"]["spec"]["volumes"] if v["name"] == "egress-gateways"
+    ]
+    assert [s["configMap"]["name"] for s in volume["projected"]["sources"]] == list(
+        settings.dns_configmap_names
+    )
+    shards = settings.dns_configmap_shards
+    picked: dict[int, str] = {}
+    k = 0
+    while len(picked) < shards - 1:
+        picked.setdefault(shard_of(f"spread{k}-{unique}.example.com", shards), str(k))
+        k += 1
+    services = {f"spread{k}-{unique}": f"spread{k}-{unique}.example.com" for k in picked.values()}
+    ips = {}
+    for svc, dns_name in services.items():
+        created = admin.request(
+            "POST",
+            SERVICE.path(GATEWAY_NS),
+            body={
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": svc,
+                    "labels": {
+                        "egress.monzo.com/gateway": svc,
+                        "egress.monzo.com/hijack-dns": "true",
+                    },
+                    "annotations": {"egress.monzo.com/dns-name": dns_name},
+                },
+                "spec": {"ports": [{"port": 443}], "selector": {"egress.monzo.com/gateway": svc}},
+            },
+        )
+        ips[dns_name] = created["spec"]["clusterIP"]
+    try:
+        # A budget one byte short of what the rules need in one ConfigMap: they spread.
+        one = DnsDelivery(settings).sync(as_reconciler).rendered.data
+        spread = DnsDelivery(settings, max_configmap_bytes=sum(map(len, one.values())) - 1)
+        assert spread.sync(as_reconciler).written
+        for dns_name in ips:
+            holder = settings.dns_configmap_names[shard_of(dns_name, shards)]
+            cm = admin.get(CONFIGMAP, holder, "kube-system")
+            assert cm is not None and dns_name in "".join(cm["data"].values()), holder
+        first = admin.get(CONFIGMAP, DNS_CM, "kube-system")
+        assert first is not None and rules_only(first.get("data") or {}) == {}, (
+            "the first holds none"
+        )
+        eventually(
+            lambda: all(a_records(dev_stack, n) == [(n, ip)] for n, ip in ips.items()),
+            150,
+            f"answers from all {shards - 1} other ConfigMaps",
+            between=lambda: spread.sync(as_reconciler),
+        )
+    finally:
+        for svc in services:
+            admin.delete(SERVICE, svc, GATEWAY_NS)
+    DnsDelivery(settings).sync(as_reconciler)
+    for other in settings.dns_configmap_names[1:]:
+        cm = admin.get(CONFIGMAP, other, "kube-system")
+        assert cm is None or rules_only(cm.get("data") or {}) == {}, other

@@ -32,6 +32,7 @@ from core.kube import (
     Kube,
     api_client_from_kubeconfig,
 )
+from core.kubehttp import KubeHttp
 from core.notice import Notice
 from core.settings import Settings
 from exporter.settings import ExporterSettings
@@ -61,10 +62,13 @@ from tests.integration.rbac_audit import (
 )
 
 INFRA = REPO / "infra"
-OVERLAYS = ("dev", "gke", "kind")
-# What the guide substitutes into the GKE overlay.
+OVERLAYS = ("dev", "gke", "kind", "gke-autopilot")
+# Overlays whose reconciler configures cluster DNS (CLUSTER_DNS=coredns); gke-autopilot's runs
+# with CLUSTER_DNS=none and is held to that run in test_cluster_dns_none.py.
+WITH_CLUSTER_DNS = ("dev", "gke", "kind")
+# What the guide substitutes into the GKE overlays.
 GKE_VALUES = {"PROJECT_ID": "my-project", "EXPORTER_IMAGE": "registry.invalid/egress-exporter:1"}
-PLACEHOLDERS = {"dev": {}, "gke": GKE_VALUES, "kind": {}}
+PLACEHOLDERS = {"dev": {}, "gke": GKE_VALUES, "kind": {}, "gke-autopilot": GKE_VALUES}
 
 RECONCILER = {
     "dev": Subject("User", "egress-reconciler"),
@@ -83,8 +87,11 @@ AUDITOR = {
     "gke": Subject("User", "egress-auditor@my-project.iam.gserviceaccount.com"),
     "kind": Subject("ServiceAccount", "egress-auditor", GATEWAY_NS),
 }
+# gke-autopilot is gke without cluster DNS: the same identities.
+for _identities in (RECONCILER, EXPORTER, AUDITOR):
+    _identities["gke-autopilot"] = _identities["gke"]
 SETTINGS = Settings()  # names and paths only: the product's defaults
-FIXED_NAMES = frozenset({SETTINGS.dns_configmap_name, SETTINGS.coredns_configmap_name})
+FIXED_NAMES = frozenset({*SETTINGS.dns_configmap_names, SETTINGS.coredns_configmap_name})
 # The component that grants the Corefile write, for overlays whose pipeline runs with
 # MANAGE_COREDNS_IMPORT=true.
 MANAGE_IMPORT_COMPONENT = INFRA / "rbac" / "manage-coredns-import"
@@ -101,7 +108,12 @@ def _cloudbuild_manages_import() -> bool:
 # sets it: dev, the cluster tests (this file, test_dns.py); kind, egressctl/kind_pipeline.py
 # (--manage-coredns-import, on by default; test_kind_script.py checks it); gke, the default of
 # cloudbuild.yaml's _MANAGE_COREDNS_IMPORT (docs/operations.md: add the component with it).
-MANAGES_COREDNS_IMPORT = {"dev": True, "kind": True, "gke": _cloudbuild_manages_import()}
+MANAGES_COREDNS_IMPORT = {
+    "dev": True,
+    "kind": True,
+    "gke": _cloudbuild_manages_import(),
+    "gke-autopilot": False,
+}
 
 
 def _kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -134,14 +146,15 @@ def _dry_run_apply(stack: DevStack, objects: list[dict[str, Any]], *extra: str) 
 def test_overlay_builds_with_only_its_documented_placeholders(overlay: str) -> None:
     raw = _kubectl("kustomize", str(INFRA / "overlays" / overlay))
     assert raw.returncode == 0, raw.stderr
+    gke = overlay.startswith("gke")
     for placeholder in GKE_VALUES:
-        assert (placeholder in raw.stdout) == (overlay == "gke"), placeholder
+        assert (placeholder in raw.stdout) == gke, placeholder
     objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert ("CustomResourceDefinition", "externalservices.egress.monzo.com") in kinds
     assert ("Namespace", GATEWAY_NS) in kinds
     assert ("ClusterRole", "egress-reconciler") in kinds
-    assert ("Deployment", "egress-exporter") in kinds if overlay == "gke" else True
+    assert ("Deployment", "egress-exporter") in kinds if gke else True
     assert ("ClusterRole", "egress-auditor") in kinds
     # Every binding names exactly this overlay's identities and nothing else.
     identities = {"reconciler": RECONCILER, "exporter": EXPORTER, "auditor": AUDITOR}
@@ -152,6 +165,11 @@ def test_overlay_builds_with_only_its_documented_placeholders(overlay: str) -> N
             assert any(who[overlay].matches(s) for s in subjects), obj
             if overlay != "dev":
                 assert len(subjects) == 1, f"{obj['metadata']['name']}: {subjects}"
+    if overlay not in WITH_CLUSTER_DNS:
+        # Nothing at all in kube-system (GKE Autopilot refuses it), and no nudge to confine.
+        assert [o for o in objects if o["metadata"].get("namespace") == "kube-system"] == []
+        assert not [o for o in objects if o["kind"].startswith("ValidatingAdmissionPolicy")]
+        return
     # The CoreDNS nudge policy confines the same reconciler identity the bindings name.
     (policy,) = [o for o in objects if o["kind"] == "ValidatingAdmissionPolicy"]
     (condition,) = policy["spec"]["matchConditions"]
@@ -203,6 +221,9 @@ def test_the_corefile_write_is_granted_only_where_import_management_is_on(
 ) -> None:
     reconciler = RECONCILER[overlay]
     granted = grants(kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay]), reconciler)
+    if overlay not in WITH_CLUSTER_DNS:
+        assert [g for g in granted if g.scope == "kube-system"] == []
+        return
     writes = sorted((g.scope, g.name) for g in granted if g.covers(COREFILE_WRITE))
     # Reading the Corefile (to report a missing import line) is granted everywhere.
     assert any(g.covers(dataclasses.replace(COREFILE_WRITE, verb="get")) for g in granted)
@@ -267,9 +288,15 @@ def test_coredns_component_mounts_the_rules_and_is_accepted(
     pod = deployment["spec"]["template"]["spec"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert set(volumes) == {"config-volume", "egress-gateways"}
-    assert volumes["egress-gateways"]["configMap"] == {
-        "name": SETTINGS.dns_configmap_name,
-        "optional": True,
+    # Every ConfigMap the rules may spread over, each optional, in one directory.
+    assert volumes["egress-gateways"] == {
+        "name": "egress-gateways",
+        "projected": {
+            "sources": [
+                {"configMap": {"name": name, "optional": True}}
+                for name in SETTINGS.dns_configmap_names
+            ]
+        },
     }
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     assert mounts["egress-gateways"]["mountPath"] == str(Path(SETTINGS.coredns_import_path).parent)
@@ -385,6 +412,7 @@ def _reconciler_scenarios(
     assert any(ch.name == orphan for ch in report.pruned), report.to_dict()
     assert admin.get(CONFIGMAP, orphan, GATEWAY_NS) is None
     assert "PodDisruptionBudget" not in children(admin, name)
+    _spread_and_gather(admin, kube, settings, name)
     # Delete: DNS withdrawn first (Service label patched, rules rewritten), grace recorded,
     # then the gateway deleted and the finalizer released.
     admin.delete(EXTERNAL_SERVICE, name)
@@ -396,6 +424,57 @@ def _reconciler_scenarios(
     eventually(lambda: admin.get(EXTERNAL_SERVICE, name) is None, 30, f"{name} to go")
     assert children(admin, name) == {}
     return api
+
+
+def _spread_and_gather(admin: Kube, kube: Kube, settings: Settings, name: str) -> None:
+    """Beyond one ConfigMap: rules spread over every one of them (a small budget stands in for
+    9,000 names), then back into the first; each is created, read, written and emptied."""
+    from core.kube import SERVICE
+    from dns.delivery import DnsDelivery
+    from dns.render import rules_only, shard_of
+
+    shards = settings.dns_configmap_shards
+    wanted: dict[int, list[str]] = {i: [] for i in range(1, shards)}
+    k = 0
+    while any(len(v) < 2 for v in wanted.values()):
+        dns_name = f"{name}-sh{k}.example.com"
+        if len(wanted[shard_of(dns_name, shards)]) < 2:
+            wanted[shard_of(dns_name, shards)].append(dns_name)
+        k += 1
+    services = [f"{name}-sh{i}" for i in range(sum(len(v) for v in wanted.values()))]
+    dns_names = [n for v in wanted.values() for n in v]
+    for svc, dns_name in zip(services, dns_names, strict=True):
+        admin.request(
+            "POST",
+            SERVICE.path(GATEWAY_NS),
+            body={
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": svc,
+                    "labels": {c.LABEL_GATEWAY: svc, c.LABEL_HIJACK_DNS: "true"},
+                    "annotations": {c.ANNOTATION_DNS_NAME: dns_name},
+                },
+                "spec": {"ports": [{"port": 443}], "selector": {c.LABEL_GATEWAY: svc}},
+            },
+        )
+    ns = settings.dns_configmap_namespace
+    try:
+        # A budget one byte short of what the rules need in one ConfigMap: they spread.
+        one = DnsDelivery(settings).sync(kube).rendered.data
+        budget = sum(map(len, one.values())) - 1
+        assert DnsDelivery(settings, max_configmap_bytes=budget).sync(kube).written
+        for dns_name in dns_names:
+            holder = settings.dns_configmap_names[shard_of(dns_name, shards)]
+            cm = admin.get(CONFIGMAP, holder, ns)
+            assert cm is not None and dns_name in "".join(cm["data"].values()), holder
+    finally:
+        for svc in services:
+            admin.delete(SERVICE, svc, GATEWAY_NS)
+    DnsDelivery(settings).sync(kube)  # (a concurrent sync may have gathered them already)
+    for other in settings.dns_configmap_names[1:]:
+        cm = admin.get(CONFIGMAP, other, ns)
+        assert cm is not None and rules_only(cm.get("data") or {}) == {}, other
 
 
 def _needed_by_reconciler(
@@ -415,6 +494,8 @@ def _needed_by_reconciler(
         Access("create", "", "configmaps", "kube-system", ""),
         Access("get", "", "configmaps", "kube-system", SETTINGS.coredns_configmap_name),
         Access("update", "", "configmaps", "kube-system", SETTINGS.dns_configmap_name),
+        Access("update", "", "configmaps", "kube-system", SETTINGS.dns_configmap_names[-1]),
+        Access("get", "", "configmaps", "kube-system", SETTINGS.dns_configmap_names[-1]),
         Access("patch", c.GROUP, "externalservices/status", "", name),
         Access("update", c.GROUP, "externalservices/finalizers", "", name),
         Access("delete", "policy", "poddisruptionbudgets", GATEWAY_NS, name),
@@ -440,7 +521,7 @@ def test_reconciler_rbac_is_exactly_what_its_requests_need(
     # MANAGE_COREDNS_IMPORT changes exactly one access: the Corefile write.
     assert needed[True] - needed[False] == {COREFILE_WRITE}, sorted(needed[True] ^ needed[False])
     assert needed[False] <= needed[True], sorted(needed[False] - needed[True])
-    for overlay in OVERLAYS:
+    for overlay in WITH_CLUSTER_DNS:
         objects = kustomize(INFRA / "overlays" / overlay, PLACEHOLDERS[overlay])
         problems = compare(
             needed[MANAGES_COREDNS_IMPORT[overlay]],
@@ -559,8 +640,9 @@ class FakePublisher:
 
 @pytest.mark.cluster
 def test_exporter_rbac_is_exactly_what_its_requests_need(dev_stack: DevStack) -> None:
+    # The exporter's own transport (core.kubehttp), as it runs.
     api = RecordingApiClient(
-        api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-exporter"))
+        KubeHttp.from_kubeconfig(dev_stack.identity_kubeconfig("egress-exporter"))
     )
     exporter = Exporter(
         Kube(api), FakePublisher(), ExporterSettings(project="rbac-test", watch_timeout_s=1)

@@ -282,26 +282,31 @@ def test_every_step_waits_for_the_checks(step: str) -> None:
     assert "lint-and-test" in seen, step
 
 
-@pytest.mark.parametrize("manage", ["false", "true"])
-def test_the_corefile_write_grant_follows_manage_coredns_import(
-    tmp_path: Path, manage: str
-) -> None:
-    """deploy-infra's overlay choice, run as Cloud Build would (the substitution applied, `$$`
-    unescaped), in a workspace holding this repo's infra/: the reconciler may update the
-    Corefile exactly when _MANAGE_COREDNS_IMPORT is true."""
+def _deploy_infra_objects(tmp_path: Path, overrides: dict[str, str]) -> list[dict[str, Any]]:
+    """deploy-infra's overlay choice, run as Cloud Build would (the substitutions applied, `$$`
+    unescaped), in a workspace holding this repo's infra/: the objects it applies."""
     import subprocess
 
     script = STEPS["deploy-infra"]["args"][-1]
     start = script.index("overlay=infra/overlays/gke")
     end = script.index("| sed -e", start)
-    part = script[start:end].replace("${_MANAGE_COREDNS_IMPORT}", manage).replace("$$", "$")
+    part = expand(script[start:end], overrides).replace("$$", "$")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "infra").symlink_to(REPO / "infra")
     res = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", part.rstrip().rstrip("\\")],
         cwd=tmp_path, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
-    objects = [o for o in yaml.safe_load_all(res.stdout) if o]
+    return [o for o in yaml.safe_load_all(res.stdout) if o]
+
+
+@pytest.mark.parametrize("manage", ["false", "true"])
+def test_the_corefile_write_grant_follows_manage_coredns_import(
+    tmp_path: Path, manage: str
+) -> None:
+    """The reconciler may update the Corefile exactly when _MANAGE_COREDNS_IMPORT is true."""
+    objects = _deploy_infra_objects(tmp_path, {"_MANAGE_COREDNS_IMPORT": manage})
     (role,) = [
         o
         for o in objects
@@ -313,6 +318,37 @@ def test_the_corefile_write_grant_follows_manage_coredns_import(
         if "update" in r.get("verbs", []) and "coredns" in r.get("resourceNames", [])
     ]
     assert bool(writes) == (manage == "true"), role["rules"]
+
+
+def test_cluster_dns_none_applies_nothing_in_kube_system(tmp_path: Path) -> None:
+    """_CLUSTER_DNS=none (GKE Autopilot, kube-dns, Cloud DNS): the functions get CLUSTER_DNS=none
+    and the applied overlay has no object in kube-system and no CoreDNS nudge policy."""
+    from core.settings import Settings
+
+    objects = _deploy_infra_objects(tmp_path, {"_CLUSTER_DNS": "none"})
+    assert [o for o in objects if o["metadata"].get("namespace") == "kube-system"] == []
+    assert [o for o in objects if o["kind"].startswith("ValidatingAdmissionPolicy")] == []
+    assert {"CustomResourceDefinition", "ClusterRole", "Role", "Deployment"} <= {
+        o["kind"] for o in objects
+    }
+    default = _deploy_infra_objects(tmp_path / "default", {})
+    assert [o for o in default if o["metadata"].get("namespace") == "kube-system"], "coredns"
+    env = yaml.safe_load(
+        (functions_env(tmp_path, {"_CLUSTER_DNS": "none"}) / "functions-env.yaml").read_text()
+    )
+    assert env["CLUSTER_DNS"] == "none"
+    assert not Settings.from_env(env).hijack_available
+    assert SUBS["_CLUSTER_DNS"] == "coredns"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"_CLUSTER_DNS": "kube-dns"}, {"_CLUSTER_DNS": "none", "_MANAGE_COREDNS_IMPORT": "true"}],
+)
+def test_a_bad_cluster_dns_choice_fails_the_build_early(
+    tmp_path: Path, overrides: dict[str, str]
+) -> None:
+    functions_env(tmp_path, overrides, returncode=2)
 
 
 # -- every gcloud command, against the installed gcloud -------------------------------------

@@ -71,6 +71,23 @@ def test_the_coredns_nudge_is_on_unless_switched_off() -> None:
     assert not off.nudge_coredns_pods and off.coredns_service_name == "dns"
 
 
+def test_cluster_dns_is_coredns_unless_the_cluster_has_none_we_may_configure() -> None:
+    assert Settings.from_env({}).cluster_dns == "coredns"
+    assert Settings.from_env({}).hijack_available
+    none = Settings.from_env({"CLUSTER_DNS": "none", "MANAGE_COREDNS_IMPORT": "false"})
+    assert none.cluster_dns == "none" and not none.hijack_available
+    assert Settings.from_env({"CLUSTER_DNS": " coredns "}).hijack_available
+
+
+def test_dns_rules_spread_over_eight_configmaps_named_after_the_first() -> None:
+    assert Settings.from_env({}).dns_configmap_names == (
+        "egress-gateway-dns",
+        *(f"egress-gateway-dns-{i}" for i in range(1, 8)),
+    )
+    one = Settings.from_env({"DNS_CONFIGMAP_SHARDS": "1", "DNS_CONFIGMAP_NAME": "rules"})
+    assert one.dns_configmap_names == ("rules",)
+
+
 def test_the_sweep_audits_access_only_when_asked() -> None:
     assert not Settings.from_env({}).sweep_access_audit
     assert Settings.from_env({"SWEEP_ACCESS_AUDIT": "true"}).sweep_access_audit
@@ -145,6 +162,11 @@ BAD = [
         {"POD_TOPOLOGY_HOSTNAME_WHEN_UNSATISFIABLE": "Never"},
     ),
     ("NUDGE_COREDNS_PODS", {"NUDGE_COREDNS_PODS": "sometimes"}),
+    ("CLUSTER_DNS", {"CLUSTER_DNS": "kube-dns"}),
+    ("DNS_CONFIGMAP_SHARDS", {"DNS_CONFIGMAP_SHARDS": "0"}),
+    ("DNS_CONFIGMAP_SHARDS", {"DNS_CONFIGMAP_SHARDS": "33"}),
+    ("CLUSTER_DNS", {"CLUSTER_DNS": "CoreDNS"}),
+    ("MANAGE_COREDNS_IMPORT", {"CLUSTER_DNS": "none", "MANAGE_COREDNS_IMPORT": "true"}),
     ("SWEEP_ACCESS_AUDIT", {"SWEEP_ACCESS_AUDIT": "yes please"}),
     ("COREDNS_SERVICE_NAME", {"COREDNS_SERVICE_NAME": "Kube DNS"}),
     ("GATEWAY_MAX_REPLICAS", {"GATEWAY_MAX_REPLICAS": "0"}),
