@@ -10,10 +10,11 @@ handlers log and acknowledge.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -37,6 +38,20 @@ class PermanentError(ReconcileError):
     """Will never succeed as is: log, record on the object if possible, acknowledge."""
 
 
+class HttpError(Exception):
+    """An HTTP answer other than 2xx from a small client of ours (``core.kubehttp``), shaped
+    like the official client's ``ApiException`` (status, reason, headers, body)."""
+
+    def __init__(
+        self, status: int, reason: str = "", headers: Any = None, body: bytes | str = b""
+    ) -> None:
+        super().__init__(f"{status} {reason}")
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+        self.body = body
+
+
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     attempts: int = 4
@@ -54,13 +69,12 @@ class Failure:
 
 def classify(exc: BaseException) -> Failure:
     """Map an exception from the Kubernetes client or the network to a Failure."""
-    from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError as Urllib3Error
 
-    if isinstance(exc, ApiException):
-        status = int(exc.status or 0)
+    if isinstance(exc, HttpError) or _is_api_exception(exc):
+        status = int(getattr(exc, "status", 0) or 0)
         retry_after = None
-        headers = exc.headers or {}
+        headers = getattr(exc, "headers", None) or {}
         raw = headers.get("Retry-After") if hasattr(headers, "get") else None
         if raw:
             try:
@@ -69,11 +83,22 @@ def classify(exc: BaseException) -> Failure:
                 retry_after = None
         transient = status in TRANSIENT_STATUSES or status == 0
         return Failure(
-            transient, status or None, retry_after, f"{status} {exc.reason}: {_body(exc)}"
+            transient,
+            status or None,
+            retry_after,
+            f"{status} {getattr(exc, 'reason', '')}: {_body(exc)}",
         )
     if isinstance(exc, (Urllib3Error, ConnectionError, TimeoutError, OSError)):
         return Failure(True, None, None, f"{type(exc).__name__}: {exc}")
     return Failure(False, None, None, f"{type(exc).__name__}: {exc}")
+
+
+def _is_api_exception(exc: BaseException) -> bool:
+    """An ``ApiException`` of the official client, without importing it: that import costs
+    the whole client (~65 MB), which a process using only ``core.kubehttp`` (the exporter)
+    never loads, and then cannot have raised one."""
+    module = sys.modules.get("kubernetes.client.exceptions")
+    return module is not None and isinstance(exc, module.ApiException)
 
 
 def _body(exc: BaseException) -> str:

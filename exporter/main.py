@@ -82,12 +82,18 @@ def run(env: Mapping[str, str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.setup(settings.project)
-    from core.kube import Kube, api_client_from_kubeconfig, api_client_in_cluster
+    from core.kube import Kube
+    from core.kubehttp import KubeConfigError, KubeHttp
 
-    if settings.kubeconfig or not env.get("KUBERNETES_SERVICE_HOST"):
-        api = api_client_from_kubeconfig(settings.kubeconfig)
-    else:
-        api = api_client_in_cluster()
+    # core.kubehttp, not the official client: its import alone would be most of our memory.
+    try:
+        if settings.kubeconfig or not env.get("KUBERNETES_SERVICE_HOST"):
+            api = KubeHttp.from_kubeconfig(settings.kubeconfig)
+        else:
+            api = KubeHttp.in_cluster(env)
+    except KubeConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     fatal = threading.Event()
     failure: list[str] = []
 
@@ -100,6 +106,8 @@ def run(env: Mapping[str, str]) -> int:
         settings.events_topic,
         timeout_s=settings.publish_timeout_s,
         on_fatal=on_fatal,
+        workers=settings.publish_concurrency,
+        env=env,
     )
     exporter = Exporter(Kube(api), publisher, settings)
     stop = threading.Event()

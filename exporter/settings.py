@@ -26,6 +26,9 @@ class ExporterSettings:
     # Bounded publishing: after this long without a successful publish the process exits
     # non-zero, and its restart re-lists and republishes everything.
     publish_timeout_s: int = 60
+    # Publish requests in flight at once (one per ordering key, i.e. per ExternalService): a
+    # re-list of N objects takes about N x the request's latency / this many.
+    publish_concurrency: int = 32
     max_backoff_s: float = 30.0
     kubeconfig: str | None = None
 
@@ -48,6 +51,7 @@ class ExporterSettings:
             health_port=whole("EXPORTER_HEALTH_PORT", 8080, 0, 65535),
             watch_timeout_s=whole("EXPORTER_WATCH_TIMEOUT_SECONDS", 300, 1, 3600),
             publish_timeout_s=whole("EXPORTER_PUBLISH_TIMEOUT_SECONDS", 60, 1, 3600),
+            publish_concurrency=whole("EXPORTER_PUBLISH_CONCURRENCY", 32, 1, 256),
             kubeconfig=(env.get("KUBECONFIG") or "").strip() or None,
         )
         env_.raise_if_errors(ExporterSettingsError)

@@ -9,31 +9,35 @@ Status writes are filtered out: with a status subresource, ``generation`` moves 
 changes, so a MODIFIED event that changes neither generation, deletionTimestamp, finalizers nor
 uid is the reconciler's own status write and is not published (it would only cause an in-sync
 reconcile, and then another status-free event, forever).
+
+Memory: per object only its Seen state is held (uid, generation, deleting, finalizers; for a
+gateway Deployment its ready replicas), lists are read a page at a time and never held whole,
+and requests go through ``core.kube.Kube`` over ``core.kubehttp`` (no official client, whose
+import alone is about 65 MB).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from core import constants as c
 from core import logs
 from core.errors import PermanentError, TransientError, classify
-from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, Gone, Kube, Obj, Resource
+from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, Gone, Kube, Obj, Resource, WatchStream
 from core.notice import EventType, Notice, NoticeChange, NoticeKind
 from exporter.publisher import Publisher
 from exporter.settings import ExporterSettings
 
 log = logs.get("exporter")
 Clock = Callable[[], dt.datetime]
+# Objects per LIST page: a page is the most the exporter ever holds of the listed objects.
+LIST_PAGE_SIZE = 250
 
 
 def utcnow() -> dt.datetime:
@@ -161,7 +165,7 @@ class Exporter:
             "externalservices": WatchState(EXTERNAL_SERVICE, None, None),
             "deployments": WatchState(DEPLOYMENT, settings.gateway_namespace, c.LABEL_GATEWAY),
         }
-        self._responses: set[Any] = set()
+        self._streams: set[WatchStream] = set()
         self._lock = threading.Lock()
 
     @property
@@ -213,22 +217,22 @@ class Exporter:
     def relist(self, key: str) -> str:
         """List everything; publish what the list implies; return the list's resourceVersion."""
         watch = self.watches[key]
-        items, rv = self.kube.list_all(watch.resource, watch.namespace, watch.label_selector)
+        # Page by page: each listed object is reduced to what the watch compares (Seen*) as
+        # its page arrives, so that only one page is ever held whole, whatever the count.
+        keep = self._keep_external_service if key == "externalservices" else self._keep_deployment
+        items, rv = self.kube.list_all(
+            watch.resource,
+            watch.namespace,
+            watch.label_selector,
+            keep=keep,
+            page_size=LIST_PAGE_SIZE,
+        )
         watch.relists += 1
         if key == "externalservices":
-            # Everything listed gets a notice: whatever happened while we were not watching is
-            # then reconciled (level-triggered), and names gone meanwhile get a "deleted" one.
-            seen: dict[str, SeenExternalService] = {}
-            for item in items:
-                meta = item["metadata"]
-                seen[meta["name"]] = SeenExternalService.of(item)
-                self._publish(
-                    meta["name"],
-                    NoticeKind.EXTERNAL_SERVICE,
-                    NoticeChange.RELIST,
-                    EventType.RELIST,
-                    str(meta.get("resourceVersion", "")),
-                )
+            # Everything listed got a notice (in _keep_external_service): whatever happened
+            # while we were not watching is then reconciled (level-triggered), and names gone
+            # meanwhile get a "deleted" one.
+            seen: dict[str, SeenExternalService] = {item["name"]: item["seen"] for item in items}
             for name in sorted(set(self.es_seen) - set(seen)):
                 self._publish(
                     name, NoticeKind.EXTERNAL_SERVICE, NoticeChange.DELETED, EventType.RELIST, rv
@@ -237,14 +241,11 @@ class Exporter:
         else:
             fresh: dict[str, SeenDeployment] = {}
             for item in items:
-                gateway = gateway_of(item)
-                if gateway is None:
-                    continue
-                name = gateway
-                fresh[name] = SeenDeployment.of(item)
+                name = item["name"]
+                fresh[name] = item["seen"]
                 old = self.deployments_seen.get(name)
                 if watch.listed and (old is None or old.ready != fresh[name].ready):
-                    rv_item = str(item["metadata"].get("resourceVersion", ""))
+                    rv_item = item["resourceVersion"]
                     self._publish(
                         name,
                         NoticeKind.DEPLOYMENT,
@@ -263,7 +264,7 @@ class Exporter:
             self.deployments_seen = fresh
         # Only once Pub/Sub has every notice of the list is the list's resourceVersion ours.
         if not self.publisher.flush(self.settings.publish_timeout_s):
-            raise TransientError("publishing the re-listed notices timed out")
+            raise TransientError("publishing the re-listed notices failed or stalled")
         logs.log(
             log,
             logging.INFO,
@@ -272,6 +273,29 @@ class Exporter:
             count=len(items),
         )
         return rv
+
+    def _keep_external_service(self, item: Obj) -> Obj | None:
+        """A listed ExternalService: its notice now, its Seen state kept."""
+        meta = item.get("metadata") or {}
+        name = meta.get("name")
+        if not isinstance(name, str):
+            return None
+        self._publish(
+            name,
+            NoticeKind.EXTERNAL_SERVICE,
+            NoticeChange.RELIST,
+            EventType.RELIST,
+            str(meta.get("resourceVersion", "")),
+        )
+        return {"name": name, "seen": SeenExternalService.of(item)}
+
+    def _keep_deployment(self, item: Obj) -> Obj | None:
+        """A listed gateway Deployment, reduced to its gateway, readiness and resourceVersion."""
+        name = gateway_of(item)
+        if name is None:
+            return None
+        rv = str((item.get("metadata") or {}).get("resourceVersion", ""))
+        return {"name": name, "seen": SeenDeployment.of(item), "resourceVersion": rv}
 
     # -- watching --------------------------------------------------------------------------
 
@@ -312,76 +336,41 @@ class Exporter:
     def stream(self, key: str, rv: str) -> str:
         """One watch request from ``rv``; returns the last resourceVersion seen. Raises Gone."""
         watch = self.watches[key]
-        query = [
-            ("watch", "true"),
-            ("resourceVersion", rv),
-            ("allowWatchBookmarks", "true"),
-            ("timeoutSeconds", str(self.settings.watch_timeout_s)),
-        ]
-        if watch.label_selector:
-            query.append(("labelSelector", watch.label_selector))
-        try:
-            response = self.kube.api.call_api(
-                watch.resource.path(watch.namespace),
-                "GET",
-                query_params=query,
-                header_params={"Accept": "application/json"},
-                auth_settings=["BearerToken"],
-                _preload_content=False,
-                _request_timeout=(10, self.settings.watch_timeout_s + 30),
-            )
-        except Exception as exc:
-            if classify(exc).status == 410:
-                raise Gone(str(exc)) from exc
-            raise
-        raw = response[0] if isinstance(response, tuple) else response
+        events = self.kube.watch(
+            watch.resource,
+            rv,
+            watch.namespace,
+            watch.label_selector,
+            timeout_s=self.settings.watch_timeout_s,
+        )
         with self._lock:
-            self._responses.add(raw)
+            self._streams.add(events)
+        if self.stopping.is_set():
+            events.close()  # stop() ran before this stream was registered
         handler = self.on_external_service if key == "externalservices" else self.on_deployment
         try:
-            watch.last_contact = time.monotonic()
-            for line in _lines(raw):
-                event = json.loads(line)
-                event_type = event.get("type")
-                obj = event.get("object") or {}
+            with events:
                 watch.last_contact = time.monotonic()
-                if event_type == "ERROR":
-                    code = obj.get("code")
-                    if code == 410:
-                        raise Gone(str(obj.get("message", "")))
-                    raise TransientError(f"watch error {code}: {obj.get('message', '')}")
-                new_rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
-                if event_type != "BOOKMARK":
-                    watch.events += 1
-                    handler(event_type, obj)
-                if new_rv:
-                    rv = new_rv
-                    watch.resource_version = rv
+                for event_type, obj in events:
+                    watch.last_contact = time.monotonic()
+                    new_rv = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+                    if event_type != "BOOKMARK":
+                        watch.events += 1
+                        handler(event_type, obj)
+                    if new_rv:
+                        rv = new_rv
+                        watch.resource_version = rv
             return rv
         finally:
             with self._lock:
-                self._responses.discard(raw)
-            raw.release_conn()
+                self._streams.discard(events)
 
     def stop(self) -> None:
         self.stopping.set()
         with self._lock:
-            responses = list(self._responses)
-        for response in responses:
-            with contextlib.suppress(Exception):
-                response.shutdown() if hasattr(response, "shutdown") else response.close()
-
-
-def _lines(response: Any) -> Iterator[bytes]:
-    buffer = b""
-    for chunk in response.stream(amt=None, decode_content=False):
-        buffer += chunk
-        while b"\n" in buffer:
-            line, buffer = buffer.split(b"\n", 1)
-            if line.strip():
-                yield line
-    if buffer.strip():
-        yield buffer
+            streams = list(self._streams)
+        for events in streams:
+            events.close()
 
 
 def _describe(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ from core.kube import (
     Kube,
     api_client_from_kubeconfig,
 )
+from core.kubehttp import KubeHttp
 from core.notice import Notice
 from egressctl.devstack.procs import spawn, stop, wait_for
 from egressctl.devstack.stack import Layout, load_state, pubsub_emulator_command, save_state
@@ -263,7 +264,7 @@ def test_exporter_relists_and_republishes_after_410(
         project, topic, timeout_s=10, on_fatal=lambda exc, n: fatal.append(exc)
     )
     exporter = Exporter(
-        Kube(api_client_from_kubeconfig(dev_stack.identity_kubeconfig("egress-exporter"))),
+        Kube(KubeHttp.from_kubeconfig(dev_stack.identity_kubeconfig("egress-exporter"))),
         publisher,
         settings,
     )

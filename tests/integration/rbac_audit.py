@@ -2,9 +2,9 @@
 
 Why: least privilege written by hand drifts both ways (a verb the code stopped using stays
 granted; a new request is refused in production only). Here every request of a scenario is
-recorded at the client boundary (``ApiClient.call_api``, below ``core.kube.Kube`` and the
-exporter's raw watch), mapped to the access the API server authorises (verb, group, resource,
-namespace, name), and compared with the grants that infra/'s manifests give the identity. The
+recorded at the client boundary (``call_api`` of the official client's ``ApiClient`` or of
+``core.kubehttp.KubeHttp``, below ``core.kube.Kube``), mapped to the access the API server
+authorises (verb, group, resource, namespace, name), and compared with the grants that infra/'s manifests give the identity. The
 comparison fails on a missing grant and on anything broader: an unused verb, a namespaced kind
 granted cluster-wide, or a wildcard name where the code only ever touches fixed names.
 """
