@@ -51,7 +51,11 @@ WHEN_UNSATISFIABLE = (SCHEDULE_ANYWAY, "DoNotSchedule")
 # plus answers clients cached just before (kubeadm's CoreDNS gives a TTL of 30 s).
 DEFAULT_DELETE_GRACE_S = 120
 DEFAULT_DELETE_GRACE_WITHOUT_NUDGE_S = 180
-DEFAULT_SWEEP_CONCURRENCY = 4
+# ExternalServices a sweep converges at once: each sends its requests one after another, so the
+# API server sees at most this many of ours in flight, far below the 49 seats API Priority and
+# Fairness gives its `global-default` level; past about 8 a 2-core control plane is the limit
+# (bench.sweep), and 429s are retried as Retry-After says (core.errors).
+DEFAULT_SWEEP_CONCURRENCY = 16
 DEFAULT_DNS_CONFIGMAP = "egress-gateway-dns"
 # How many ConfigMaps may hold rules: DNS_CONFIGMAP_NAME, then DNS_CONFIGMAP_NAME-1 ... -(N-1).
 # CoreDNS mounts all of them (optional sources of one projected volume, infra/coredns), so a

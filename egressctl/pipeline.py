@@ -5,7 +5,10 @@ Deployment controller do in Google Cloud, done with local processes.
   functions (functions-framework turns the raw push body into a CloudEvent), with ordering and
   a dead-letter topic as deployed (cloudbuild.yaml's subscriptions step).
 - Functions: one functions-framework server per entry point of ``main.py``, each its own process
-  (so a test can kill one mid-reconcile), as the reconciler's RBAC identity.
+  (so a test can kill one mid-reconcile), as the reconciler's RBAC identity. ``on_sweep`` also
+  publishes to the emulator: a large sweep's coordinator publishes its shard messages on the
+  sweep topic. (The emulator pushes at most two messages of one subscription at a time: its
+  jar starts two push loops per subscription; Pub/Sub has no such limit.)
 - Exporter: ``python -m exporter`` as the exporter's RBAC identity, restarted with backoff when
   it exits (as its Deployment would be).
 - Scheduler: a thread publishing to the sweep topic on a short interval.
@@ -48,6 +51,7 @@ EVENTS_SUBSCRIPTION = "egress-events-push"
 SWEEP_SUBSCRIPTION = "egress-sweep-push"
 DEAD_LETTER_SUBSCRIPTION = "egress-events-dead-pull"
 STATE_FILE = "pipeline.json"
+SWEEP_ACK_DEADLINE_S = 600
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -122,7 +126,7 @@ class LocalPipeline:
 
     def functions_env(self, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
         env = self.base_env()
-        env.pop("PUBSUB_EMULATOR_HOST", None)  # the functions never talk to Pub/Sub
+        env.pop("PUBSUB_EMULATOR_HOST", None)  # only on_sweep publishes (start_function)
         env["KUBECONFIG"] = self.config.dev_env["KUBECONFIG_RECONCILER"]
         env["KUBE_CREDENTIALS"] = "kubeconfig"
         env.update(overrides or {})
@@ -176,7 +180,9 @@ class LocalPipeline:
                     "name": self.subscription(SWEEP_SUBSCRIPTION),
                     "topic": self.topic(DEFAULT_SWEEP_TOPIC),
                     "push_config": {"push_endpoint": self.url(SWEEP_FUNCTION)},
-                    "ack_deadline_seconds": 300,
+                    # Pub/Sub's maximum: a sweep (or one of its shards) runs up to the
+                    # function's 540 s timeout, and is redelivered if not answered by then.
+                    "ack_deadline_seconds": SWEEP_ACK_DEADLINE_S,
                 },
                 {
                     "name": self.subscription(DEAD_LETTER_SUBSCRIPTION),
@@ -190,6 +196,18 @@ class LocalPipeline:
                     subscriber.create_subscription(request=request)
                     created = True
                     continue
+                deadline = request.get("ack_deadline_seconds")
+                if deadline and existing.ack_deadline_seconds != deadline:
+                    # A subscription left by an earlier version of this wiring.
+                    subscriber.update_subscription(
+                        request={
+                            "subscription": {
+                                "name": request["name"],
+                                "ack_deadline_seconds": deadline,
+                            },
+                            "update_mask": {"paths": ["ack_deadline_seconds"]},
+                        }
+                    )
                 endpoint = request.get("push_config", {}).get("push_endpoint", "")
                 if existing.push_config.push_endpoint != endpoint:
                     # A subscription left by an earlier run points at old ports.
@@ -251,6 +269,8 @@ class LocalPipeline:
 
     def start_function(self, function: str, overrides: Mapping[str, str] | None = None) -> None:
         env = self.functions_env(overrides)
+        if function == SWEEP_FUNCTION:
+            env["PUBSUB_EMULATOR_HOST"] = self.pubsub_host  # shard messages
         self.function_env[function] = env
         argv = [
             sys.executable,

@@ -25,6 +25,12 @@ DEFAULT_MAX_NOTICE_BYTES = 4096
 DEFAULT_INLINE_REQUEUE_MAX_S = 20
 # A notice dated this far in the future is refused: clocks are not that wrong.
 MAX_CLOCK_SKEW_S = 300
+# SWEEP_SHARD_SIZE: a scheduled sweep over more ExternalServices than this fans out in shards
+# of about this many (functions.handlers, core.shards); 0 never shards. Chosen from bench
+# .sweep_shards: one invocation must finish well inside the sweep function's 540 s timeout
+# even when every object needs writes (a setting that changes every gateway), not only when
+# all are in sync.
+DEFAULT_SWEEP_SHARD_SIZE = 2000
 
 CREDENTIAL_MODES = ("auto", "kubeconfig", "in-cluster", "gke")
 # Which of a GKE cluster's control-plane endpoints the functions use (GKE_ENDPOINT_TYPE):
@@ -46,6 +52,9 @@ class PipelineSettings:
     max_event_age_s: int = DEFAULT_MAX_EVENT_AGE_S
     max_notice_bytes: int = DEFAULT_MAX_NOTICE_BYTES
     inline_requeue_max_s: int = DEFAULT_INLINE_REQUEUE_MAX_S
+    # 0 here (settings built in code: tests, tools) never shards; a deployment reads
+    # SWEEP_SHARD_SIZE, whose default is DEFAULT_SWEEP_SHARD_SIZE.
+    sweep_shard_size: int = 0
     credentials: str = "auto"
     kubeconfig: str | None = None
     kube_context: str | None = None
@@ -94,6 +103,7 @@ class PipelineSettings:
             inline_requeue_max_s=whole(
                 "INLINE_REQUEUE_MAX_SECONDS", DEFAULT_INLINE_REQUEUE_MAX_S, 0
             ),
+            sweep_shard_size=whole("SWEEP_SHARD_SIZE", DEFAULT_SWEEP_SHARD_SIZE, 0),
             credentials=mode,
             kubeconfig=get("KUBECONFIG") or None,
             kube_context=get("KUBE_CONTEXT") or None,

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Callable, Iterable
+import functools
+import json
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +37,7 @@ from core.kube import (
     Kube,
     Obj,
     field_conflicts,
+    lean,
 )
 from core.settings import Settings
 from core.spec import ExternalService, InvalidExternalService, parse_external_service
@@ -51,6 +55,9 @@ from reconcile.drift import FieldDiff, diff, with_applied_hash
 from reconcile.fights import Fight, TakeBack, applied_at, condition_message, encode, fights, memory
 
 Clock = Callable[[], dt.datetime]
+# Items per LIST page in a sweep: few requests (10,000 gateways: 5 pages per kind) while only
+# one page is held whole at a time (bench.sweep measures both).
+SWEEP_PAGE_SIZE = 2000
 # Condition messages stay readable in `kubectl describe` (the API server's own limit is 32 KiB).
 MAX_MESSAGE = 1024
 NO_STATUS_SUBRESOURCE = (
@@ -151,6 +158,8 @@ class SweepReport:
     dns: DnsReport | None = None
     # `egressctl access` findings, when SWEEP_ACCESS_AUDIT is on (None when it is off).
     access: list[dict[str, Any]] | None = None
+    # A shard's sweep (deliver=False): the Corefile import line its DNS prediction added.
+    corefile_added: str = ""
 
     @property
     def drift(self) -> list[Change]:
@@ -188,6 +197,45 @@ class Observed:
     # Computed once per reconcile (or sweep), so the sweep's DNS prediction and the Service it
     # then applies agree.
     claimed_at: str = ""
+
+
+def _pack(obj: Obj) -> bytes:
+    """A listed object as a sweep holds it until its turn: compressed JSON, about a
+    twentieth of the parsed dict's memory (a sweep holds every gateway at once)."""
+    return zlib.compress(json.dumps(lean(obj), separators=(",", ":")).encode(), 1)
+
+
+def _unpack(packed: bytes) -> Obj:
+    obj: Obj = json.loads(zlib.decompress(packed))
+    return obj
+
+
+@dataclass(slots=True)
+class _Listed:
+    """One gateway as a sweep listed it, packed (``_pack``) until it is reconciled."""
+
+    external_service: bytes
+    deleting: bool
+    children: dict[str, bytes] = field(default_factory=dict)
+    foreign: dict[str, bytes] = field(default_factory=dict)
+    claimed_at: str = ""
+
+    def observed(self) -> Observed:
+        return Observed(
+            _unpack(self.external_service),
+            {kind: _unpack(obj) for kind, obj in self.children.items()},
+            {kind: _unpack(obj) for kind, obj in self.foreign.items()},
+            self.claimed_at,
+        )
+
+
+def _unpacked(listed: dict[str, _Listed]) -> Iterator[tuple[str, Observed]]:
+    """Each listed gateway unpacked in turn (one at a time in memory); a claim time the
+    consumer computed is kept for the gateway's reconcile."""
+    for name, gateway in listed.items():
+        observed = gateway.observed()
+        yield name, observed
+        gateway.claimed_at = observed.claimed_at
 
 
 def _ours(obj: Obj, name: str) -> bool:
@@ -512,12 +560,7 @@ class Reconciler:
             {"op": "test", "path": "/metadata/finalizers", "value": meta.get("finalizers") or []},
             {"op": "replace", "path": "/metadata/finalizers", "value": remaining},
         ]
-        self.kube.request(
-            "PATCH",
-            EXTERNAL_SERVICE.path(None, name),
-            body=patch,
-            content_type="application/json-patch+json",
-        )
+        self.kube.json_patch(EXTERNAL_SERVICE, name, patch)
 
     # -- status ----------------------------------------------------------------------------
 
@@ -641,31 +684,46 @@ class Reconciler:
 
     # -- everything ------------------------------------------------------------------------
 
-    def sweep(self) -> SweepReport:
-        """Reconcile every ExternalService from one paginated LIST per kind, then prune orphans."""
-        namespace = self.settings.gateway_namespace
-        externals, _ = self.kube.list_all(EXTERNAL_SERVICE)
-        by_name: dict[str, Observed] = {es["metadata"]["name"]: Observed(es) for es in externals}
+    def sweep(
+        self, *, only: Callable[[str], bool] | None = None, deliver: bool = True
+    ) -> SweepReport:
+        """Reconcile every ExternalService from one paginated LIST per kind, then prune orphans.
+
+        A sweep in shards (``functions.handlers``) passes ``only``, which names its part: it
+        reconciles those ExternalServices and prunes the orphans whose gateway name ``only``
+        accepts, yet lists and predicts DNS claims over everything, so that a contested dnsName
+        is judged alike in every shard. ``deliver=False`` leaves DNS delivery and the access
+        audit to ``finish_sweep``, run once by the shard that completes the sweep.
+
+        Nothing is read per object: the LISTs of the gateway namespace (not by label) also
+        show any object that holds a gateway's name without our labels. Pages are
+        ``SWEEP_PAGE_SIZE`` items and each is packed as it arrives (``_pack``; the objects that
+        are not ours dropped), so a sweep holds one page at a time, not the whole LIST."""
+        listed: dict[str, _Listed] = {}
+
+        def external(es: Obj) -> None:
+            meta = es["metadata"]
+            listed[meta["name"]] = _Listed(_pack(es), bool(meta.get("deletionTimestamp")))
+
+        self.kube.list_all(EXTERNAL_SERVICE, keep=external, page_size=SWEEP_PAGE_SIZE)
         orphans: list[Obj] = []
         for resource in GATEWAY_KINDS:
-            items, _ = self.kube.list_all(resource, namespace, label_selector=c.LABEL_GATEWAY)
-            for item in items:
-                gateway = item["metadata"]["labels"][c.LABEL_GATEWAY]
-                target = by_name.get(gateway)
-                if target is None:
-                    orphans.append(item)
-                elif item["metadata"]["name"] == gateway:
-                    target.children[resource.kind] = item
-        verdicts = self._predict_dns(by_name) if self.dns is not None else None
+            self.kube.list_all(
+                resource,
+                self.settings.gateway_namespace,
+                keep=functools.partial(self._sort_listed, resource.kind, listed, orphans),
+                page_size=SWEEP_PAGE_SIZE,
+            )
+        verdicts = self._predict_dns(_unpacked(listed)) if self.dns is not None else None
         report = SweepReport()
 
         def one(name: str) -> Result:
-            observed = by_name[name]
-            self._find_foreign(name, observed)
-            return self.reconcile(name, observed, verdicts)
+            # Unpacked for its turn, and let go with it.
+            return self.reconcile(name, listed.pop(name).observed(), verdicts)
 
         with ThreadPoolExecutor(max_workers=self.settings.sweep_concurrency) as pool:
-            futures = {name: pool.submit(one, name) for name in sorted(by_name)}
+            mine = sorted(listed) if only is None else sorted(filter(only, listed))
+            futures = {name: pool.submit(one, name) for name in mine}
             for name, future in futures.items():
                 try:
                     report.results.append(future.result())
@@ -676,14 +734,29 @@ class Reconciler:
             # Listed without an ExternalService: perhaps only created after our LIST of them.
             # Prune only when its ExternalService is known to be gone.
             gateway = item["metadata"]["labels"][c.LABEL_GATEWAY]
+            if only is not None and not only(gateway):
+                continue  # another shard's
             if gateway not in gone:
                 gone[gateway] = self.kube.get(EXTERNAL_SERVICE, gateway) is None
             if gone[gateway]:
                 report.pruned.append(self._delete_child(item["kind"], item))
+        if not deliver:
+            report.corefile_added = verdicts.corefile_added if verdicts is not None else ""
+            return report
         if self.dns is not None:
             report.dns = self.dns.sync(self.kube)
             if verdicts is not None and verdicts.corefile_added:
                 report.dns.drift.append(f"Corefile: added {verdicts.corefile_added}")
+        if self.settings.sweep_access_audit:
+            self._audit_access(report)
+        return report
+
+    def finish_sweep(self) -> SweepReport:
+        """The end of a sweep done in shards, once every shard has reconciled its part: DNS
+        delivered (from live Services, as a whole sweep delivers it) and the access audit."""
+        report = SweepReport()
+        if self.dns is not None:
+            report.dns = self.dns.sync(self.kube)
         if self.settings.sweep_access_audit:
             self._audit_access(report)
         return report
@@ -706,29 +779,36 @@ class Reconciler:
             return
         report.access = [finding.to_dict() for finding in findings]
 
-    def _find_foreign(self, name: str, observed: Observed) -> None:
-        """GET the kinds a gateway lacks: an object there without our labels is not ours.
+    def _sort_listed(
+        self, kind: str, listed: dict[str, _Listed], orphans: list[Obj], item: Obj
+    ) -> None:
+        """File one listed object of the gateway namespace: a child of its gateway, an orphan
+        (our labels, no ExternalService listed), or foreign (a gateway's name without our
+        labels: never taken over). Anything else is not ours and is dropped.
 
-        Listing is by label, so a foreign object holding a gateway's name is invisible to it;
-        in-sync gateways have every kind and cost nothing here.
+        Returns None always: the sweep keeps what it needs here, not in the LIST's items.
         """
-        if observed.external_service is None or observed.external_service["metadata"].get(
-            "deletionTimestamp"
-        ):
+        meta = item["metadata"]
+        gateway = (meta.get("labels") or {}).get(c.LABEL_GATEWAY)
+        if gateway is not None:
+            target = listed.get(gateway)
+            if target is None:
+                orphans.append(lean(item))
+                return
+            if meta["name"] == gateway:
+                target.children[kind] = _pack(item)
+                return
+        named = listed.get(meta["name"])
+        if named is None or named.deleting:
             return
-        for resource in GATEWAY_KINDS:
-            if resource.kind in observed.children or (
-                resource.kind == PDB.kind and not self.settings.enable_pdb
-            ):
-                continue
-            live = self.kube.get(resource, name, self.settings.gateway_namespace)
-            if live is not None and not _ours(live, name):
-                observed.foreign[resource.kind] = live
+        if kind == PDB.kind and not self.settings.enable_pdb:
+            return  # not a kind this gateway has: no conflict
+        named.foreign[kind] = _pack(item)
 
-    def _predict_dns(self, by_name: dict[str, Observed]) -> DnsVerdicts:
+    def _predict_dns(self, gateways: Iterable[tuple[str, Observed]]) -> DnsVerdicts:
         """Which gateways will hold their DNS claim once this sweep has converged them."""
         claims: list[Claim] = []
-        for name, obs in by_name.items():
+        for name, obs in gateways:
             es_obj = obs.external_service
             if es_obj is None or es_obj["metadata"].get("deletionTimestamp"):
                 continue
@@ -744,10 +824,11 @@ class Reconciler:
                 claims.append(
                     Claim(self._claimed_at(es, obs, previous, state), name, es.spec.dns_name)
                 )
-        rendered = render_dns(claims, self.settings.gateway_namespace, self.settings.cluster_domain)
         if self.dns is None:
-            return DnsVerdicts(rendered)
-        return self.dns.verdicts(self.kube, rendered)
+            s = self.settings
+            return DnsVerdicts(render_dns(claims, s.gateway_namespace, s.cluster_domain))
+        # Rendered as delivery spreads them: capacity is per ConfigMap.
+        return self.dns.verdicts(self.kube, self.dns.render(claims))
 
 
 def _ready_replicas(deployment: Obj | None) -> int:
@@ -781,9 +862,3 @@ def _status_equal(live: Obj, desired: Obj) -> bool:
         elif live.get(key) != value:
             return False
     return True
-
-
-def ensure_permanent(result: Result) -> None:
-    """Raise PermanentError for outcomes a retry cannot fix (used by event handlers)."""
-    if result.outcome in (Outcome.INVALID, Outcome.CONFLICT):
-        raise PermanentError(f"{result.name}: {result.outcome}: {result.message}")

@@ -2,7 +2,8 @@
 
 Tests point a client at ``http://127.0.0.1:<port>``; the proxy forwards over TLS with the
 identity's client certificate, except for requests matching a queued fault, which get a
-synthetic status (409, 429 with Retry-After, 500...) or a dropped connection instead.
+synthetic status (409, 429 with Retry-After, 500...) or a dropped connection instead. It
+records every request it receives (``seen``): what the client sent, counted outside the client.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class FaultProxy:
     context: ssl.SSLContext
     faults: list[Fault] = field(default_factory=list)
     injected: list[tuple[str, str, int | None]] = field(default_factory=list)
+    # Every request that reached the proxy, (method, path with query), in order.
+    seen: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
 
@@ -84,6 +87,8 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                with proxy.lock:
+                    proxy.seen.append((self.command, self.path))
                 fault = proxy._take(self.command, self.path)
                 if fault is not None:
                     if fault.held is not None and fault.release is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from core.kube import (
     CONFIGMAP,
     DEPLOYMENT,
     EXTERNAL_SERVICE,
+    GATEWAY_KINDS,
     NETWORK_POLICY,
     PDB,
     SERVICE,
@@ -309,9 +311,13 @@ class ListThenCreate(Kube):
         self.meanwhile: Callable[[], None] | None = meanwhile
 
     def list_all(
-        self, resource: Resource, namespace: str | None = None, label_selector: str | None = None
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        label_selector: str | None = None,
+        **kwargs: Any,
     ) -> tuple[list[dict[str, Any]], str]:
-        out = super().list_all(resource, namespace, label_selector)
+        out = super().list_all(resource, namespace, label_selector, **kwargs)
         if resource is EXTERNAL_SERVICE and self.meanwhile is not None:
             meanwhile, self.meanwhile = self.meanwhile, None
             meanwhile()
@@ -664,6 +670,50 @@ def test_list_restarts_when_a_continue_token_expires(
         assert set(names) <= listed
         assert len(items) == len(listed), "a restarted list must not return duplicates"
     finally:
+        for name in names:
+            purge(admin, name)
+
+
+def test_a_sweep_reads_nothing_per_object(admin: Kube, proxy: FaultProxy, unique: str) -> None:
+    """New ExternalServices cost a sweep their writes and one LIST per kind, never a GET each:
+    every request counted as it reached the proxy in front of the API server. A foreign object
+    holding one of the names is still found (in the LIST of its kind) and left alone."""
+    names = [f"cold{i}-{unique}" for i in range(4)]
+    foreign = names[0]
+    try:
+        for name in names:
+            create_es(admin, external_service(name))
+        admin.request(
+            "POST",
+            CONFIGMAP.path(GATEWAY_NS),
+            body={"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": foreign},
+                  "data": {"mine": "yes"}},
+        )  # fmt: skip
+        report = Reconciler(_kube_via(proxy), dev_settings()).sweep()
+        outcomes = {r.name: r.outcome for r in report.results if r.name in names}
+        assert outcomes == {
+            foreign: Outcome.CONFLICT,
+            **{name: Outcome.CONVERGED for name in names[1:]},
+        }, report.to_dict()
+        live = admin.get(CONFIGMAP, foreign, GATEWAY_NS)
+        assert live is not None and live["data"] == {"mine": "yes"}
+        for name in names[1:]:
+            assert set(children(admin, name)) == KINDS
+
+        def requests_for(name: str) -> list[tuple[str, str]]:
+            return [(m, p) for m, p in proxy.seen if p.split("?")[0].endswith(f"/{name}")
+                    or f"/{name}/" in p]  # fmt: skip
+
+        assert not [r for name in names for r in requests_for(name) if r[0] == "GET"]
+        # Each new one: its finalizer, its five objects, its status; all writes.
+        for name in names[1:]:
+            assert Counter(m for m, _ in requests_for(name)) == {"PATCH": 7}, requests_for(name)
+        assert Counter(m for m, _ in requests_for(foreign)) == {"PATCH": 1}  # its status
+        lists = Counter(p.split("?")[0] for m, p in proxy.seen if m == "GET" and "limit=" in p)
+        kinds = [EXTERNAL_SERVICE.path(), *(r.path(GATEWAY_NS) for r in GATEWAY_KINDS)]
+        assert set(lists) == set(kinds) and set(lists.values()) == {1}, lists
+    finally:
+        admin.delete(CONFIGMAP, foreign, GATEWAY_NS)
         for name in names:
             purge(admin, name)
 
