@@ -476,14 +476,7 @@ def sweep_logged(
     try:
         report = rt.reconciler(dry_run).sweep()
     except (TransientError, PermanentError) as exc:
-        _log(
-            logging.ERROR,
-            f"sweep failed before reconciling anything: {exc}",
-            Delivered.ERROR,
-            durationMs=_ms(t0),
-            **extra,
-        )
-        return {"error": str(exc)}
+        return _sweep_failed(exc, t0, **extra)
     out: dict[str, Any] = dict(report.to_dict())
     _log_results(report, dry_run)
     level = logging.WARNING if out["drift"] or out["errors"] or out["fights"] else logging.INFO
@@ -503,6 +496,18 @@ def sweep_logged(
         **extra,
     )
     return out
+
+
+def _sweep_failed(exc: Exception, t0: float, **extra: Any) -> dict[str, Any]:
+    """A sweep that stopped before reconciling anything: logged, acknowledged (the next runs)."""
+    _log(
+        logging.ERROR,
+        f"sweep failed before reconciling anything: {exc}",
+        Delivered.ERROR,
+        durationMs=_ms(t0),
+        **extra,
+    )
+    return {"error": str(exc)}
 
 
 def _log_results(report: SweepReport, dry_run: bool) -> None:
@@ -565,13 +570,7 @@ def coordinate(rt: Runtime, event_id: str, sweep_id: str, started: float) -> dic
 
             total = count_external_services(rt.kube())
         except (TransientError, PermanentError) as exc:
-            _log(
-                logging.ERROR,
-                f"sweep failed before reconciling anything: {exc}",
-                Delivered.ERROR,
-                durationMs=_ms(started),
-            )
-            return {"error": str(exc)}
+            return _sweep_failed(exc, started)
         shards = shard_count(total, rt.pipeline.sweep_shard_size)
         if shards == 1:
             return sweep_logged(rt, dry_run=False, started=started, sweep_id=sweep_id)
