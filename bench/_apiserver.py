@@ -22,6 +22,7 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +161,19 @@ def paused(part: str = "kube-controller-manager") -> Iterator[bool]:
         yield True
     finally:
         os.kill(pid, signal.SIGCONT)
+
+
+@contextmanager
+def node_paused() -> Iterator[list[str]]:
+    """The controller-manager and the node's agents that react to gateway objects, paused for
+    the block: the 2 cores then measure the reconciler and the API server, not kube-router
+    resyncing its rules for each NetworkPolicy (what a separate API server would see)."""
+    with ExitStack() as stack:
+        yield [
+            part
+            for part in ("kube-controller-manager", "kube-proxy", "kube-router")
+            if stack.enter_context(paused(part))
+        ]
 
 
 def own_peak_rss_mib() -> float:

@@ -34,7 +34,8 @@ from bench.stack import REPO, bench_stack
 from core import constants as c
 from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, SERVICE, Kube, api_client_from_kubeconfig
 from reconcile.app import build_reconciler
-from reconcile.controller import Outcome, Reconciler
+from reconcile.controller import Reconciler
+from reconcile.results import Outcome
 from tests.integration.changes import run_changes
 from tests.integration.helpers import (
     GATEWAY_NS,

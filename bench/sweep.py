@@ -2,7 +2,9 @@
 
 On the real local control plane of the benchmarks' own stack, with its controller-manager paused
 (as in issue 14's side-by-side run: no ReplicaSets or pods are made; the Deployments simply never
-become ready). Requests are the API server's own counts (``apiserver_request_total``, see
+become ready) and the node's kube-proxy and kube-router too (``node_paused``: on 2 shared cores
+they would otherwise spend a quarter of the CPU resyncing rules for each new gateway).
+Requests are the API server's own counts (``apiserver_request_total``, see
 ``bench._apiserver``), by verb; every pass runs in a fresh process, as a function instance
 would, and reports its own peak RSS.
 
@@ -33,10 +35,10 @@ from typing import Any
 from bench._apiserver import (
     cpu_seconds,
     emit,
+    node_paused,
     ours,
     own_cpu_seconds,
     own_peak_rss_mib,
-    paused,
     request_total,
     verbs_text,
 )
@@ -294,8 +296,8 @@ def main() -> int:
         print(f"machine: {os.cpu_count()} CPUs, load average {load} at the start")
         _cleanup(admin)
         missed: list[str] = []
-        with paused("kube-controller-manager") as was_paused:
-            print(f"controller-manager paused: {was_paused}")
+        with node_paused() as stopped:
+            print(f"paused on the bench stack: {', '.join(stopped) or 'nothing'}")
             try:
                 if n:
                     missed += compare(admin, n)

@@ -51,13 +51,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench._apiserver import ours, paused, request_total, verbs_text
+from bench._apiserver import node_paused, ours, request_total, verbs_text
 from bench._common import children_of, rss_kb
 from bench.stack import bench_stack
 from core import constants as c
@@ -114,16 +113,6 @@ def _cleanup(admin: Kube) -> None:
         list(pool.map(release, stuck))
     _delete(admin, GATEWAY_KINDS)
     admin.request("DELETE", CONFIGMAP.path(GATEWAY_NS), query=[("labelSelector", LABEL_SWEEP)])
-
-
-@contextmanager
-def _node_paused() -> Iterator[list[str]]:
-    with ExitStack() as stack:
-        yield [
-            part
-            for part in ("kube-controller-manager", "kube-proxy", "kube-router")
-            if stack.enter_context(paused(part))
-        ]
 
 
 class Sweeps:
@@ -323,7 +312,7 @@ def main() -> int:
         sweeps = Sweeps(pipeline, admin)
         figures: dict[str, dict[str, dict[str, Any]]] = {}
         try:
-            with _node_paused() as stopped:
+            with node_paused() as stopped:
                 print(f"paused on the bench node: {', '.join(stopped) or 'nothing'}")
                 created_s = _create(admin, n)
                 print(f"setup: created {n} ExternalServices through the API in {created_s:.1f} s")

@@ -1,6 +1,6 @@
 """Sweeps in shards: which shard owns a name, and the shard message that travels on the sweep topic.
 
-A sweep too large for one invocation fans out (``functions.handlers``): a coordinator publishes
+A sweep too large for one invocation fans out (``functions.shards``): a coordinator publishes
 one shard message per shard on the sweep topic, each shard reconciles its part, and the shard
 that completes the set delivers DNS once and logs the one merged report. This module holds the
 pure parts every side must agree on, defined once:

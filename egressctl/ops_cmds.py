@@ -20,7 +20,8 @@ from core.errors import PermanentError, TransientError
 from core.kube import EXTERNAL_SERVICE, Kube, api_client_from_kubeconfig
 from core.settings import Settings, SettingsError
 from reconcile.app import build_reconciler
-from reconcile.controller import Action, Change, Outcome, Reconciler, Result, SweepReport
+from reconcile.controller import Reconciler
+from reconcile.results import Action, Change, Outcome, Result, SweepReport
 
 EXIT_OK = 0
 EXIT_TRANSIENT = 1

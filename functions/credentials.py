@@ -18,11 +18,13 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import os
 import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from functions.settings import PipelineSettings, PipelineSettingsError
@@ -222,6 +224,13 @@ def _ca_file(value: str, source: str = "GKE_CA_CERT") -> str:
         raise PipelineSettingsError(f"{source}: neither a file nor base64 PEM") from None
     if b"BEGIN CERTIFICATE" not in pem:
         raise PipelineSettingsError(f"{source}: does not hold a PEM certificate")
-    with tempfile.NamedTemporaryFile("wb", prefix="gke-ca-", suffix=".crt", delete=False) as fh:
-        fh.write(pem)
-    return fh.name
+    # Named by content: a new client for the same cluster (each credential refresh, each test)
+    # reuses the file instead of leaving one more in the temporary directory.
+    path = Path(tempfile.gettempdir()) / f"gke-ca-{hashlib.sha256(pem).hexdigest()[:16]}.crt"
+    if not path.is_file() or path.read_bytes() != pem:
+        with tempfile.NamedTemporaryFile(
+            "wb", dir=path.parent, prefix=".gke-ca-", delete=False
+        ) as fh:
+            fh.write(pem)
+        os.replace(fh.name, path)
+    return str(path)

@@ -18,7 +18,6 @@ function instance serves many events; creating a client costs TLS and credential
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import logging
@@ -27,8 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from core import logs
 from core.notice import (
@@ -49,18 +47,22 @@ from core.shards import (
     ShardMessage,
     looks_like_shard,
     parse_shard_message,
-    shard_count,
-    shard_of,
     sweep_id_of,
+)
+from functions.outcomes import (
+    Delivered,
+    Reconciles,
+    log,
+    log_line,
+    log_malformed,
+    ms_since,
+    sweep_logged,
 )
 from functions.settings import MAX_CLOCK_SKEW_S, PipelineSettings
 
 if TYPE_CHECKING:  # imported when first used: a cold start that refuses a message needs neither
     from core.kube import Kube
-    from functions.shards import ProgressStore, Record, ShardPublisher
-    from reconcile.controller import Outcome, Result, SweepReport
-
-log = logs.get("functions")
+    from functions.shards import ProgressStore, ShardPublisher, SweepsInShards
 
 # Refusals are logged and answered; a message can make one long, never the log line huge.
 MAX_REASON_CHARS = 300
@@ -68,41 +70,6 @@ MAX_REASON_CHARS = 300
 MAX_REPAIR_BODY_BYTES = 65536
 
 ApiClientFactory = Callable[[], Any]
-
-
-class Delivered(StrEnum):
-    """How a handler ended, where no reconcile result says it: the ``outcome`` of its log line."""
-
-    MALFORMED = "malformed"  # acknowledged: the message can never be processed
-    STALE = "stale"  # acknowledged: older than MAX_EVENT_AGE_SECONDS, the sweep covers it
-    TRANSIENT_ERROR = "transient-error"  # raised: Pub/Sub redelivers
-    PERMANENT_ERROR = "permanent-error"  # acknowledged: a retry would fail the same way
-    ERROR = "error"  # raised: unexpected, logged with its traceback
-    SWEPT = "swept"  # the sweep's summary line (a sharded sweep's merged report, once)
-    FANNED_OUT = "fanned-out"  # a coordinator published shard messages
-    SWEPT_SHARD = "swept-shard"  # one shard's summary line
-    DUPLICATE = "duplicate"  # acknowledged: this shard was reported already
-    INCOMPLETE = "incomplete"  # a sharded sweep some shard never reported (found at clean-up)
-    BUSY = "busy"  # acknowledged unrun: a sharded sweep is still running
-    BAD_REQUEST = "bad-request"  # a repair body that cannot be parsed: 400
-
-
-class Reconciles(Protocol):
-    """What the handlers need of ``reconcile.controller.Reconciler`` (tests pass a stub)."""
-
-    def reconcile(self, name: str) -> Result: ...
-
-    def sweep(self) -> SweepReport: ...
-
-
-class SweepsInShards(Protocol):
-    """What a shard needs of ``reconcile.controller.Reconciler`` (tests pass a stub)."""
-
-    def sweep(
-        self, *, only: Callable[[str], bool] | None = None, deliver: bool = True
-    ) -> SweepReport: ...
-
-    def finish_sweep(self) -> SweepReport: ...
 
 
 PublisherFactory = Callable[[], "ShardPublisher"]
@@ -245,10 +212,6 @@ def _text(value: object, limit: int = 200) -> str:
     return clip(value, limit) if isinstance(value, str) else preview(value, limit)
 
 
-def _log(level: int, text: str, outcome: Delivered | Outcome, **fields: Any) -> None:
-    logs.log(log, level, text, outcome=str(outcome), **fields)
-
-
 def _refusal(exc: Exception) -> tuple[str, int]:
     """Why input that cannot be parsed was refused, and the level to log it at."""
     if isinstance(exc, Malformed):
@@ -269,17 +232,12 @@ def handle_event(rt: Runtime, event: Any) -> None:
             notice = notice_of(delivery, rt.pipeline.max_notice_bytes)
         except Exception as exc:  # parsing only: see the module docstring
             reason, level = _refusal(exc)
-            _log(
-                level,
-                f"malformed notice acknowledged: {reason}",
-                Delivered.MALFORMED,
-                reason=reason,
-            )
+            log_malformed("notice", reason, level)
             return
         with logs.context(externalService=notice.name):
             age = (rt.clock() - notice.time).total_seconds()
             if age > rt.pipeline.max_event_age_s:
-                _log(
+                log_line(
                     logging.INFO,
                     f"stale notice acknowledged ({age:.0f}s old, limit "
                     f"{rt.pipeline.max_event_age_s}s); the sweep covers it",
@@ -289,11 +247,8 @@ def handle_event(rt: Runtime, event: Any) -> None:
                 )
                 return
             if age < -MAX_CLOCK_SKEW_S:
-                _log(
-                    logging.WARNING,
-                    f"malformed notice acknowledged: time is {-age:.0f}s in the future",
-                    Delivered.MALFORMED,
-                    reason="time in the future",
+                log_malformed(
+                    "notice", "time in the future", said=f"time is {-age:.0f}s in the future"
                 )
                 return
             reconcile_logged(rt, notice.name, notice=notice, started=started)
@@ -311,7 +266,7 @@ def reconcile_logged(
 
     Returns the result as a dict; raises TransientError (and unexpected errors) for a retry.
     """
-    from reconcile.controller import Outcome
+    from reconcile.results import Outcome
 
     t0 = started if started is not None else time.monotonic()
     extra: dict[str, Any] = {"dryRun": dry_run} if dry_run else {}
@@ -333,11 +288,11 @@ def reconcile_logged(
             result.changes[:0] = first.changes
     except Exception as exc:
         verdict = verdict_of(exc)
-        _log(
+        log_line(
             logging.ERROR,
             f"reconcile {name}: {verdict.text}",
             verdict.outcome,
-            durationMs=_ms(t0),
+            durationMs=ms_since(t0),
             **extra,
         )
         if verdict.outcome is Delivered.ERROR:
@@ -353,13 +308,13 @@ def reconcile_logged(
     text = f"reconcile {name}: {result.outcome} ({summary})"
     if result.message:
         text += f": {result.message}"
-    _log(
+    log_line(
         level,
         text,
         result.outcome,
         changes=report["changes"],
         hijackState=result.hijack_state,
-        durationMs=_ms(t0),
+        durationMs=ms_since(t0),
         **extra,
     )
     return report
@@ -388,10 +343,6 @@ def verdict_of(exc: Exception) -> Verdict:
     )
 
 
-def _ms(t0: float) -> float:
-    return round((time.monotonic() - t0) * 1000, 1)
-
-
 # -- the sweep topic (Cloud Scheduler, and the shards of a large sweep) ---------------------
 
 
@@ -412,20 +363,17 @@ def handle_sweep(rt: Runtime, event: Any) -> dict[str, Any] | None:
     with logs.context(function="sweep", eventId=event_id, trace=trace or None, spanId=span):
         shard = _shard_of_event(event)
         if isinstance(shard, ShardMessage):
+            from functions.shards import run_shard
+
             return run_shard(rt, shard, started)
         if shard is not None:
             reason, level = shard
-            _log(
-                level,
-                f"malformed shard message acknowledged: {reason}",
-                Delivered.MALFORMED,
-                reason=reason,
-            )
+            log_malformed("shard message", reason, level)
             return None
         raw_time = _attr(event, "time")
         age = _age_s(rt, raw_time)
         if age is not None and age > rt.pipeline.max_event_age_s:
-            _log(
+            log_line(
                 logging.INFO,
                 f"stale sweep trigger acknowledged ({age:.0f}s old); the next one runs",
                 Delivered.STALE,
@@ -433,6 +381,8 @@ def handle_sweep(rt: Runtime, event: Any) -> dict[str, Any] | None:
             return None
         sweep_id = sweep_id_of(event_id, _text(raw_time))
         if rt.pipeline.sweep_shard_size > 0:
+            from functions.shards import coordinate
+
             return coordinate(rt, event_id, sweep_id, started)
         return sweep_logged(rt, dry_run=False, started=started, sweep_id=sweep_id)
 
@@ -464,457 +414,6 @@ def _age_s(rt: Runtime, raw_time: object) -> float | None:
         return (rt.clock() - parse_time(_text(raw_time))).total_seconds()
     except (OverflowError, ValueError):
         return None
-
-
-def sweep_logged(
-    rt: Runtime, *, dry_run: bool, started: float | None = None, sweep_id: str | None = None
-) -> dict[str, Any]:
-    from core.errors import PermanentError, TransientError
-
-    t0 = started if started is not None else time.monotonic()
-    extra: dict[str, Any] = {"sweepId": sweep_id} if sweep_id else {}
-    try:
-        report = rt.reconciler(dry_run).sweep()
-    except (TransientError, PermanentError) as exc:
-        return _sweep_failed(exc, t0, **extra)
-    out: dict[str, Any] = dict(report.to_dict())
-    _log_results(report, dry_run)
-    level = logging.WARNING if out["drift"] or out["errors"] or out["fights"] else logging.INFO
-    _log(
-        level,
-        f"sweep: {out['externalServices']} ExternalService(s), {len(out['drift'])} drift "
-        f"change(s), {len(report.pruned)} orphan(s) pruned, {len(out['errors'])} error(s)"
-        + (f", {len(out['fights'])} field manager fight(s)" if out["fights"] else ""),
-        Delivered.SWEPT,
-        externalServices=out["externalServices"],
-        outcomes=out["outcomes"],
-        drift=out["drift"],
-        errors=out["errors"],
-        fights=out["fights"],
-        dryRun=dry_run,
-        durationMs=_ms(t0),
-        **extra,
-    )
-    return out
-
-
-def _sweep_failed(exc: Exception, t0: float, **extra: Any) -> dict[str, Any]:
-    """A sweep that stopped before reconciling anything: logged, acknowledged (the next runs)."""
-    _log(
-        logging.ERROR,
-        f"sweep failed before reconciling anything: {exc}",
-        Delivered.ERROR,
-        durationMs=_ms(t0),
-        **extra,
-    )
-    return {"error": str(exc)}
-
-
-def _log_results(report: SweepReport, dry_run: bool) -> None:
-    """One line per ExternalService a sweep (or a shard) changed or found not in sync."""
-    from reconcile.controller import Outcome
-
-    for result in report.results:
-        if result.changes or result.outcome != Outcome.IN_SYNC:
-            with logs.context(externalService=result.name):
-                _log(
-                    logging.WARNING if result.changes or result.fights else logging.INFO,
-                    f"sweep: {result.name}: {result.outcome}"
-                    + (f" (drift: {len(result.changes)} change(s))" if result.changes else "")
-                    + "".join(f"; {f.describe()}" for f in result.fights),
-                    result.outcome,
-                    changes=[ch.to_dict() for ch in result.changes],
-                    fights=[f.to_dict() for f in result.fights],
-                    dryRun=dry_run,
-                )
-
-
-# -- a sweep in shards --------------------------------------------------------------------
-
-
-def retention_s(rt: Runtime) -> float:
-    """How long a progress record is kept: past it no delivery of its sweep can still write
-    (shard messages older than SWEEP_MAX_AGE_S and triggers older than MAX_EVENT_AGE_SECONDS
-    are acknowledged unrun, a finisher is taken over after FINISH_LEASE_S), and a redelivered
-    trigger always finds it."""
-    from functions.shards import FINISH_LEASE_S, SWEEP_MAX_AGE_S
-
-    return max(SWEEP_MAX_AGE_S, rt.pipeline.max_event_age_s) + FINISH_LEASE_S + 60
-
-
-def coordinate(rt: Runtime, event_id: str, sweep_id: str, started: float) -> dict[str, Any]:
-    """The scheduler's trigger with SWEEP_SHARD_SIZE set: count, then sweep here or fan out.
-
-    At most SWEEP_SHARD_SIZE ExternalServices: the whole sweep runs in this invocation, exactly
-    as without sharding (one LIST of one item more, to count). More: a progress record for
-    ``sweep_id`` and one shard message per shard on the sweep topic, each shard about
-    SWEEP_SHARD_SIZE names by hash (``core.shards``). A redelivered trigger finds its record
-    and publishes again only the shards not reported yet (a shard message delivered twice is
-    harmless); a publish that fails raises, so that the trigger is redelivered. The
-    coordinator also removes expired progress records, logging each incomplete one.
-
-    One sharded sweep at a time: while another one is unfinished and younger than
-    SWEEP_MAX_AGE_S, the trigger is acknowledged unrun (the deployed on_sweep once ran with
-    max-instances 1 for the same reason: two sweeps at once do every write twice, and a backlog
-    of them never catches up). The next trigger after it finishes, or expires, runs.
-    """
-    from core.errors import PermanentError, TransientError
-
-    with logs.context(sweepId=sweep_id):
-        try:
-            store = rt.progress_store()
-            running = _clean_up(rt, store, sweep_id)
-            if running:
-                return _busy(rt, running[-1], started)
-            from functions.shards import count_external_services
-
-            total = count_external_services(rt.kube())
-        except (TransientError, PermanentError) as exc:
-            return _sweep_failed(exc, started)
-        shards = shard_count(total, rt.pipeline.sweep_shard_size)
-        if shards == 1:
-            return sweep_logged(rt, dry_run=False, started=started, sweep_id=sweep_id)
-        try:
-            record, created = store.start(sweep_id, shards, event_id)
-        except TransientError as exc:
-            _log(
-                logging.ERROR,
-                f"sweep {sweep_id}: cannot record its progress, raising for redelivery: {exc}",
-                Delivered.TRANSIENT_ERROR,
-                durationMs=_ms(started),
-            )
-            raise
-        except PermanentError as exc:
-            _log(
-                logging.ERROR,
-                f"sweep failed before reconciling anything: cannot record its progress: {exc}",
-                Delivered.ERROR,
-                durationMs=_ms(started),
-            )
-            return {"error": str(exc)}
-        if record.done is not None:
-            _log(
-                logging.INFO,
-                f"sweep {sweep_id}: trigger delivered again after the sweep finished; "
-                "nothing to do",
-                Delivered.DUPLICATE,
-            )
-            return {"sweepId": sweep_id, "shards": record.shards, "published": 0}
-        messages = [
-            ShardMessage(sweep_id, k, record.shards, record.started) for k in record.missing
-        ]
-        try:
-            rt.publisher().publish(messages)
-        except Exception as exc:
-            _log(
-                logging.ERROR,
-                f"sweep {sweep_id}: publishing {len(messages)} shard message(s) failed, raising "
-                f"for redelivery: {exc}",
-                Delivered.TRANSIENT_ERROR,
-                durationMs=_ms(started),
-            )
-            raise
-        again = "" if created else " again (trigger redelivered)"
-        _log(
-            logging.INFO,
-            f"sweep {sweep_id}: {total} ExternalService(s) in {record.shards} shards; published "
-            f"{len(messages)} shard message(s){again}",
-            Delivered.FANNED_OUT,
-            externalServices=total,
-            shards=record.shards,
-            published=[m.shard for m in messages],
-            durationMs=_ms(started),
-        )
-        return {
-            "sweepId": sweep_id,
-            "shards": record.shards,
-            "externalServices": total,
-            "published": len(messages),
-        }
-
-
-def _busy(rt: Runtime, record: Record, started: float) -> dict[str, Any]:
-    age = (rt.clock() - record.started).total_seconds()
-    _log(
-        logging.INFO,
-        f"sweep {record.sweep} is still running ({len(record.results)} of {record.shards} "
-        f"shard(s) reported, started {age:.0f}s ago); this trigger is acknowledged unrun, a "
-        "later one sweeps",
-        Delivered.BUSY,
-        runningSweepId=record.sweep,
-        durationMs=_ms(started),
-    )
-    return {"busy": record.sweep}
-
-
-def _clean_up(rt: Runtime, store: ProgressStore, current: str) -> list[Record]:
-    """Remove expired progress records, logging each incomplete one with what it lacks; return
-    the unfinished sharded sweeps still running (not ``current``). Never fails the sweep: a
-    record left now is removed by a later one."""
-    from core.errors import ReconcileError
-    from functions.shards import SWEEP_MAX_AGE_S, merge
-
-    try:
-        expired, live = store.others(retention_s(rt), keep=current)
-    except ReconcileError as exc:
-        log.warning("cannot list sweep progress records: %s", exc)
-        return []
-    now = rt.clock()
-    running = [
-        r for r in live if r.done is None and (now - r.started).total_seconds() <= SWEEP_MAX_AGE_S
-    ]
-    for record in expired:
-        if record.done is None:
-            partial = merge(record.results, record.shards)
-            finishing = (
-                f"; shard {record.finish.shard} began its end but never finished it (DNS "
-                "delivery and report)"
-                if record.finish is not None
-                else ""
-            )
-            _log(
-                logging.WARNING,
-                f"sweep {record.sweep} incomplete: {len(record.results)} of {record.shards} "
-                f"shard(s) reported, missing {record.missing}{finishing}; the sweeps since "
-                "have covered its part",
-                Delivered.INCOMPLETE,
-                incompleteSweepId=record.sweep,
-                partial=partial,
-            )
-        try:
-            store.remove(record)
-        except ReconcileError as exc:
-            log.warning("cannot remove sweep progress record %s: %s", record.sweep, exc)
-    return running
-
-
-def run_shard(rt: Runtime, shard: ShardMessage, started: float) -> dict[str, Any] | None:
-    """Reconcile one shard's part of a sweep and record it; the shard that completes the set
-    delivers DNS and logs the merged report (``finish_shard``).
-
-    Acknowledged: stale (older than SWEEP_MAX_AGE_S since the fan-out: the sweep stays
-    incomplete and the next sweep covers its part), a sweep with no record (finished and
-    removed, or never started), a shard reported already (a redelivery: nothing is
-    reconciled again), and refusals that a retry cannot change. Raised for redelivery:
-    transient failures of the reconciler or of the progress record (the redelivery finds
-    whether this shard got recorded).
-    """
-    from core.errors import PermanentError, TransientError
-    from functions.shards import SWEEP_MAX_AGE_S, Recorded, new_token, summarize
-
-    with logs.context(sweepId=shard.sweep, shard=shard.label):
-        age = (rt.clock() - shard.time).total_seconds()
-        if age > SWEEP_MAX_AGE_S:
-            _log(
-                logging.INFO,
-                f"stale shard message acknowledged ({age:.0f}s old); sweep {shard.sweep} stays "
-                "incomplete and the next sweep covers this part",
-                Delivered.STALE,
-            )
-            return None
-        if age < -MAX_CLOCK_SKEW_S:
-            _log(
-                logging.WARNING,
-                f"malformed shard message acknowledged: time is {-age:.0f}s in the future",
-                Delivered.MALFORMED,
-                reason="time in the future",
-            )
-            return None
-        try:
-            store = rt.progress_store()
-            record = store.load(shard.sweep)
-        except PermanentError as exc:
-            _log(logging.ERROR, f"shard {shard.label}: {exc}", Delivered.PERMANENT_ERROR)
-            return None
-        except TransientError as exc:
-            _log(
-                logging.ERROR,
-                f"shard {shard.label}: transient failure, raising for redelivery: {exc}",
-                Delivered.TRANSIENT_ERROR,
-            )
-            raise
-        if record is None:
-            _log(
-                logging.INFO,
-                f"shard message of sweep {shard.sweep} acknowledged: no progress record (the "
-                "sweep finished and was cleaned up, or never started here)",
-                Delivered.STALE,
-            )
-            return None
-        if record.shards != shard.shards:
-            reason = f"sweep {shard.sweep} has {record.shards} shards, not {shard.shards}"
-            _log(
-                logging.WARNING,
-                f"malformed shard message acknowledged: {reason}",
-                Delivered.MALFORMED,
-                reason=reason,
-            )
-            return None
-        if shard.shard in record.results:
-            return _reported_already(rt, store, record, shard)
-        token = new_token()
-        t0 = time.monotonic()
-        try:
-            report = rt.shard_reconciler().sweep(
-                only=lambda name: shard_of(name, shard.shards) == shard.shard, deliver=False
-            )
-        except (TransientError, PermanentError) as exc:
-            retry = isinstance(exc, TransientError)
-            _log(
-                logging.ERROR,
-                f"shard {shard.label} failed before reconciling anything"
-                + (", raising for redelivery" if retry else "; the next sweep covers it")
-                + f": {exc}",
-                Delivered.TRANSIENT_ERROR if retry else Delivered.PERMANENT_ERROR,
-                durationMs=_ms(t0),
-            )
-            if retry:
-                raise
-            return None
-        _log_results(report, False)
-        summary = summarize(report, _ms(started), token)
-        try:
-            state, after = store.record(shard.sweep, shard.shard, summary)
-        except TransientError as exc:
-            _log(
-                logging.ERROR,
-                f"shard {shard.label}: cannot record it, raising for redelivery: {exc}",
-                Delivered.TRANSIENT_ERROR,
-            )
-            raise
-        if state is Recorded.UNKNOWN or after is None:
-            _log(
-                logging.WARNING,
-                f"shard {shard.label} done but its sweep's progress record is gone (expired); "
-                "its part is reconciled, the sweep's report is lost",
-                Delivered.STALE,
-            )
-            return None
-        if state is Recorded.DUPLICATE:
-            _log(
-                logging.INFO,
-                f"shard {shard.label} was reported by another delivery meanwhile; not counted "
-                "again",
-                Delivered.DUPLICATE,
-            )
-            return None
-        level = logging.WARNING if summary["driftCount"] or summary["errorCount"] else logging.INFO
-        _log(
-            level,
-            f"sweep {shard.sweep} shard {shard.label}: {summary['externalServices']} "
-            f"ExternalService(s), {summary['driftCount']} drift change(s), {summary['pruned']} "
-            f"orphan(s) pruned, {summary['errorCount']} error(s); {len(after.results)} of "
-            f"{after.shards} shard(s) reported",
-            Delivered.SWEPT_SHARD,
-            outcomes=summary["outcomes"],
-            drift=summary["drift"],
-            errors=summary["errors"],
-            pruned=summary["pruned"],
-            externalServices=summary["externalServices"],
-            shardsReported=len(after.results),
-            durationMs=_ms(started),
-        )
-        if state is Recorded.COMPLETES:
-            return finish_shard(rt, store, after, shard, token)
-        return summary
-
-
-def _reported_already(
-    rt: Runtime, store: ProgressStore, record: Record, shard: ShardMessage
-) -> dict[str, Any] | None:
-    """A delivery of a shard reported already: nothing to do, unless it was the completing
-    shard and its end was abandoned (then this delivery finishes the sweep)."""
-    from core.errors import TransientError
-    from functions.shards import FINISH_LEASE_S, new_token
-
-    fin = record.finish
-    if record.done is None and fin is not None and fin.shard == shard.shard:
-        quiet_s = (rt.clock() - fin.since).total_seconds()
-        if not fin.token or quiet_s > FINISH_LEASE_S:
-            token = new_token()
-            if store.take_over(record, shard.shard, token):
-                _log(
-                    logging.WARNING,
-                    f"sweep {shard.sweep}: its end was left unfinished ({quiet_s:.0f}s); "
-                    f"shard {shard.label} finishes it",
-                    Delivered.SWEPT_SHARD,
-                )
-                return finish_shard(rt, store, record, shard, token)
-        else:
-            _log(
-                logging.INFO,
-                f"shard {shard.label}: the sweep's end is running in another delivery "
-                f"({quiet_s:.0f}s so far); raising so that Pub/Sub asks again later",
-                Delivered.TRANSIENT_ERROR,
-            )
-            raise TransientError(f"sweep {shard.sweep} is being finished by another delivery")
-    _log(
-        logging.INFO,
-        f"shard {shard.label} already reported ({len(record.results)} of {record.shards}"
-        f"{', sweep done' if record.done is not None else ''}); nothing done",
-        Delivered.DUPLICATE,
-    )
-    return None
-
-
-def finish_shard(
-    rt: Runtime, store: ProgressStore, record: Record, shard: ShardMessage, token: str
-) -> dict[str, Any]:
-    """The end of a sharded sweep, run once by the delivery that completed its record: DNS
-    delivered from live state after every shard reconciled its part, then the one merged
-    report logged with the sweep id, then the record marked done.
-
-    A failure raises for redelivery after releasing the claim, so that the next delivery of
-    this shard finishes at once. If the instance dies instead, the claim's lease runs out and
-    a redelivery takes over; DNS delivery is idempotent, and at worst (a death between the
-    report line and ``done``) the report is logged twice under the same sweep id.
-    """
-    from core.errors import PermanentError, TransientError
-    from functions.shards import merge
-
-    t0 = time.monotonic()
-    try:
-        end = rt.shard_reconciler().finish_sweep()
-    except (TransientError, PermanentError) as exc:
-        _log(
-            logging.ERROR,
-            f"sweep {shard.sweep}: DNS delivery at its end failed, raising for redelivery: {exc}",
-            Delivered.TRANSIENT_ERROR,
-            durationMs=_ms(t0),
-        )
-        with contextlib.suppress(Exception):
-            store.take_over(record, shard.shard, "")  # released: the next delivery finishes
-        raise TransientError(f"end of sweep {shard.sweep}: {exc}") from exc
-    merged = merge(record.results, record.shards, end.dns.to_dict() if end.dns else None)
-    if end.errors:
-        merged["errors"] = [*merged["errors"], *end.errors]
-        merged["errorCount"] += len(end.errors)
-    if end.access is not None:
-        merged["access"] = end.access
-    sweep_s = (rt.clock() - record.started).total_seconds()
-    level = (
-        logging.WARNING
-        if merged["driftCount"] or merged["errorCount"] or merged["fightCount"]
-        else logging.INFO
-    )
-    _log(
-        level,
-        f"sweep: {merged['externalServices']} ExternalService(s), {merged['driftCount']} drift "
-        f"change(s), {merged['pruned']} orphan(s) pruned, {merged['errorCount']} error(s)"
-        + (f", {merged['fightCount']} field manager fight(s)" if merged["fightCount"] else "")
-        + f"; {record.shards} shards, sweep {shard.sweep} done in {sweep_s:.1f}s",
-        Delivered.SWEPT,
-        **{k: v for k, v in merged.items() if k not in ("missingShards", "shardsReported")},
-        finishedBy=shard.shard,
-        sweepSeconds=round(sweep_s, 3),
-        dryRun=False,
-        durationMs=_ms(t0),
-    )
-    counts = {
-        k: merged[k] for k in ("externalServices", "driftCount", "pruned", "errorCount", "shards")
-    }
-    store.mark_done(record, {"by": shard.shard, "sweepSeconds": round(sweep_s, 3), **counts})
-    return merged
 
 
 # -- repair over HTTP -----------------------------------------------------------------------
@@ -962,10 +461,10 @@ def handle_repair(rt: Runtime, request: Any) -> tuple[str, int, dict[str, str]]:
             name, dry_run = parse_repair_body(raw, request.content_type)
         except Exception as exc:  # parsing only: see the module docstring
             reason, level = _refusal(exc)
-            _log(level, f"repair: bad request: {reason}", Delivered.BAD_REQUEST, reason=reason)
+            log_line(level, f"repair: bad request: {reason}", Delivered.BAD_REQUEST, reason=reason)
             return _json({"error": reason}), 400, headers
         from core.errors import TransientError
-        from reconcile.controller import Outcome
+        from reconcile.results import Outcome
 
         try:
             if name is None:

@@ -26,7 +26,7 @@ DEFAULT_INLINE_REQUEUE_MAX_S = 20
 # A notice dated this far in the future is refused: clocks are not that wrong.
 MAX_CLOCK_SKEW_S = 300
 # SWEEP_SHARD_SIZE: a scheduled sweep over more ExternalServices than this fans out in shards
-# of about this many (functions.handlers, core.shards); 0 never shards. Chosen from bench
+# of about this many (functions.shards, core.shards); 0 never shards. Chosen from bench
 # .sweep_shards: one invocation must finish well inside the sweep function's 540 s timeout
 # even when every object needs writes (a setting that changes every gateway), not only when
 # all are in sync.

@@ -1,6 +1,11 @@
-"""A sweep in shards: the progress record, the per-shard summaries and their merge, publishing.
+"""A sweep in shards: the protocol, the progress record, the per-shard summaries and their
+merge, publishing.
 
-``functions.handlers`` runs the protocol; this module holds its state and its pure parts.
+``functions.handlers.handle_sweep`` hands the scheduler's trigger to ``coordinate`` (when
+SWEEP_SHARD_SIZE is set) and each shard message to ``run_shard``; both run here, with the
+record that makes the shards one sweep. This module does not import ``functions.handlers``:
+what it needs of the handlers' ``Runtime`` is ``ShardedRuntime``, and what both log through
+is ``functions.outcomes``.
 
 **The progress record** is one ConfigMap per sweep, ``egress-sweep.<sweep id>`` in the gateway
 namespace, labelled ``egress.monzo.com/sweep-progress=<sweep id>``. Why there: the functions are
@@ -38,8 +43,10 @@ name every object it changed, as a whole sweep's do, so nothing is lost by the b
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
+import logging
 import random
 import time
 import uuid
@@ -48,13 +55,27 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from core.errors import PermanentError, TransientError
+from core import logs
+from core.errors import PermanentError, ReconcileError, TransientError
 from core.kube import CONFIGMAP, EXTERNAL_SERVICE, Kube, Obj
 from core.notice import clip, format_time, parse_time
-from core.shards import MAX_SHARDS, SWEEP_ID, ShardMessage
+from core.shards import MAX_SHARDS, SWEEP_ID, ShardMessage, shard_count, shard_of
+from functions.outcomes import (
+    Delivered,
+    HasReconcilers,
+    log,
+    log_line,
+    log_malformed,
+    log_results,
+    ms_since,
+    sweep_failed,
+    sweep_logged,
+)
+from functions.settings import MAX_CLOCK_SKEW_S
 
 if TYPE_CHECKING:
-    from reconcile.controller import SweepReport
+    from functions.settings import PipelineSettings
+    from reconcile.results import SweepReport
 
 PREFIX = "egress-sweep."
 LABEL_SWEEP = "egress.monzo.com/sweep-progress"
@@ -446,3 +467,391 @@ class PubSubShardPublisher:
                 future.result(timeout=self.timeout_s)
         except Exception as exc:
             raise TransientError(f"publishing shard messages failed: {exc}") from exc
+
+
+# -- the protocol: the coordinator and the shards ---------------------------------------------
+
+
+class SweepsInShards(Protocol):
+    """What a shard needs of ``reconcile.controller.Reconciler`` (tests pass a stub)."""
+
+    def sweep(
+        self, *, only: Callable[[str], bool] | None = None, deliver: bool = True
+    ) -> SweepReport: ...
+
+    def finish_sweep(self) -> SweepReport: ...
+
+
+class ShardedRuntime(HasReconcilers, Protocol):
+    """What a sweep in shards needs of ``functions.handlers.Runtime`` (named here, not
+    imported: ``functions.handlers`` imports this module)."""
+
+    @property
+    def pipeline(self) -> PipelineSettings: ...
+
+    @property
+    def clock(self) -> Callable[[], dt.datetime]: ...
+
+    def kube(self) -> Kube: ...
+
+    def shard_reconciler(self) -> SweepsInShards: ...
+
+    def progress_store(self) -> ProgressStore: ...
+
+    def publisher(self) -> ShardPublisher: ...
+
+
+def _redelivering(what: str, exc: Exception, **fields: Any) -> None:
+    """A step of a sharded sweep that failed transiently: logged, then raised by the caller so
+    that Pub/Sub redelivers."""
+    log_line(
+        logging.ERROR,
+        f"{what}, raising for redelivery: {exc}",
+        Delivered.TRANSIENT_ERROR,
+        **fields,
+    )
+
+
+def _tally(report: Mapping[str, Any]) -> str:
+    """The counts of a shard's summary or of the merged report, as their lines word them."""
+    return (
+        f"{report['externalServices']} ExternalService(s), {report['driftCount']} drift "
+        f"change(s), {report['pruned']} orphan(s) pruned, {report['errorCount']} error(s)"
+    )
+
+
+def retention_s(rt: ShardedRuntime) -> float:
+    """How long a progress record is kept: past it no delivery of its sweep can still write
+    (shard messages older than SWEEP_MAX_AGE_S and triggers older than MAX_EVENT_AGE_SECONDS
+    are acknowledged unrun, a finisher is taken over after FINISH_LEASE_S), and a redelivered
+    trigger always finds it."""
+    return max(SWEEP_MAX_AGE_S, rt.pipeline.max_event_age_s) + FINISH_LEASE_S + 60
+
+
+def coordinate(rt: ShardedRuntime, event_id: str, sweep_id: str, started: float) -> dict[str, Any]:
+    """The scheduler's trigger with SWEEP_SHARD_SIZE set: count, then sweep here or fan out.
+
+    At most SWEEP_SHARD_SIZE ExternalServices: the whole sweep runs in this invocation, exactly
+    as without sharding (one LIST of one item more, to count). More: a progress record for
+    ``sweep_id`` and one shard message per shard on the sweep topic, each shard about
+    SWEEP_SHARD_SIZE names by hash (``core.shards``). A redelivered trigger finds its record
+    and publishes again only the shards not reported yet (a shard message delivered twice is
+    harmless); a publish that fails raises, so that the trigger is redelivered. The
+    coordinator also removes expired progress records, logging each incomplete one.
+
+    One sharded sweep at a time: while another one is unfinished and younger than
+    SWEEP_MAX_AGE_S, the trigger is acknowledged unrun (the deployed on_sweep once ran with
+    max-instances 1 for the same reason: two sweeps at once do every write twice, and a backlog
+    of them never catches up). The next trigger after it finishes, or expires, runs.
+    """
+    with logs.context(sweepId=sweep_id):
+        try:
+            store = rt.progress_store()
+            running = _clean_up(rt, store, sweep_id)
+            if running:
+                return _busy(rt, running[-1], started)
+            total = count_external_services(rt.kube())
+        except (TransientError, PermanentError) as exc:
+            return sweep_failed(exc, started)
+        shards = shard_count(total, rt.pipeline.sweep_shard_size)
+        if shards == 1:
+            return sweep_logged(rt, dry_run=False, started=started, sweep_id=sweep_id)
+        try:
+            record, created = store.start(sweep_id, shards, event_id)
+        except TransientError as exc:
+            _redelivering(
+                f"sweep {sweep_id}: cannot record its progress", exc, durationMs=ms_since(started)
+            )
+            raise
+        except PermanentError as exc:
+            return sweep_failed(exc, started, "cannot record its progress")
+        if record.done is not None:
+            log_line(
+                logging.INFO,
+                f"sweep {sweep_id}: trigger delivered again after the sweep finished; "
+                "nothing to do",
+                Delivered.DUPLICATE,
+            )
+            return {"sweepId": sweep_id, "shards": record.shards, "published": 0}
+        messages = [
+            ShardMessage(sweep_id, k, record.shards, record.started) for k in record.missing
+        ]
+        try:
+            rt.publisher().publish(messages)
+        except Exception as exc:
+            _redelivering(
+                f"sweep {sweep_id}: publishing {len(messages)} shard message(s) failed",
+                exc,
+                durationMs=ms_since(started),
+            )
+            raise
+        again = "" if created else " again (trigger redelivered)"
+        log_line(
+            logging.INFO,
+            f"sweep {sweep_id}: {total} ExternalService(s) in {record.shards} shards; published "
+            f"{len(messages)} shard message(s){again}",
+            Delivered.FANNED_OUT,
+            externalServices=total,
+            shards=record.shards,
+            published=[m.shard for m in messages],
+            durationMs=ms_since(started),
+        )
+        return {
+            "sweepId": sweep_id,
+            "shards": record.shards,
+            "externalServices": total,
+            "published": len(messages),
+        }
+
+
+def _busy(rt: ShardedRuntime, record: Record, started: float) -> dict[str, Any]:
+    age = (rt.clock() - record.started).total_seconds()
+    log_line(
+        logging.INFO,
+        f"sweep {record.sweep} is still running ({len(record.results)} of {record.shards} "
+        f"shard(s) reported, started {age:.0f}s ago); this trigger is acknowledged unrun, a "
+        "later one sweeps",
+        Delivered.BUSY,
+        runningSweepId=record.sweep,
+        durationMs=ms_since(started),
+    )
+    return {"busy": record.sweep}
+
+
+def _clean_up(rt: ShardedRuntime, store: ProgressStore, current: str) -> list[Record]:
+    """Remove expired progress records, logging each incomplete one with what it lacks; return
+    the unfinished sharded sweeps still running (not ``current``). Never fails the sweep: a
+    record left now is removed by a later one."""
+    try:
+        expired, live = store.others(retention_s(rt), keep=current)
+    except ReconcileError as exc:
+        log.warning("cannot list sweep progress records: %s", exc)
+        return []
+    now = rt.clock()
+    running = [
+        r for r in live if r.done is None and (now - r.started).total_seconds() <= SWEEP_MAX_AGE_S
+    ]
+    for record in expired:
+        if record.done is None:
+            partial = merge(record.results, record.shards)
+            finishing = (
+                f"; shard {record.finish.shard} began its end but never finished it (DNS "
+                "delivery and report)"
+                if record.finish is not None
+                else ""
+            )
+            log_line(
+                logging.WARNING,
+                f"sweep {record.sweep} incomplete: {len(record.results)} of {record.shards} "
+                f"shard(s) reported, missing {record.missing}{finishing}; the sweeps since "
+                "have covered its part",
+                Delivered.INCOMPLETE,
+                incompleteSweepId=record.sweep,
+                partial=partial,
+            )
+        try:
+            store.remove(record)
+        except ReconcileError as exc:
+            log.warning("cannot remove sweep progress record %s: %s", record.sweep, exc)
+    return running
+
+
+def run_shard(rt: ShardedRuntime, shard: ShardMessage, started: float) -> dict[str, Any] | None:
+    """Reconcile one shard's part of a sweep and record it; the shard that completes the set
+    delivers DNS and logs the merged report (``finish_shard``).
+
+    Acknowledged: stale (older than SWEEP_MAX_AGE_S since the fan-out: the sweep stays
+    incomplete and the next sweep covers its part), a sweep with no record (finished and
+    removed, or never started), a shard reported already (a redelivery: nothing is
+    reconciled again), and refusals that a retry cannot change. Raised for redelivery:
+    transient failures of the reconciler or of the progress record (the redelivery finds
+    whether this shard got recorded).
+    """
+    with logs.context(sweepId=shard.sweep, shard=shard.label):
+        age = (rt.clock() - shard.time).total_seconds()
+        if age > SWEEP_MAX_AGE_S:
+            log_line(
+                logging.INFO,
+                f"stale shard message acknowledged ({age:.0f}s old); sweep {shard.sweep} stays "
+                "incomplete and the next sweep covers this part",
+                Delivered.STALE,
+            )
+            return None
+        if age < -MAX_CLOCK_SKEW_S:
+            log_malformed(
+                "shard message",
+                "time in the future",
+                said=f"time is {-age:.0f}s in the future",
+            )
+            return None
+        try:
+            store = rt.progress_store()
+            record = store.load(shard.sweep)
+        except PermanentError as exc:
+            log_line(logging.ERROR, f"shard {shard.label}: {exc}", Delivered.PERMANENT_ERROR)
+            return None
+        except TransientError as exc:
+            _redelivering(f"shard {shard.label}: transient failure", exc)
+            raise
+        if record is None:
+            log_line(
+                logging.INFO,
+                f"shard message of sweep {shard.sweep} acknowledged: no progress record (the "
+                "sweep finished and was cleaned up, or never started here)",
+                Delivered.STALE,
+            )
+            return None
+        if record.shards != shard.shards:
+            log_malformed(
+                "shard message",
+                f"sweep {shard.sweep} has {record.shards} shards, not {shard.shards}",
+            )
+            return None
+        if shard.shard in record.results:
+            return _reported_already(rt, store, record, shard)
+        token = new_token()
+        t0 = time.monotonic()
+        try:
+            report = rt.shard_reconciler().sweep(
+                only=lambda name: shard_of(name, shard.shards) == shard.shard, deliver=False
+            )
+        except (TransientError, PermanentError) as exc:
+            what = f"shard {shard.label} failed before reconciling anything"
+            if isinstance(exc, TransientError):
+                _redelivering(what, exc, durationMs=ms_since(t0))
+                raise
+            log_line(
+                logging.ERROR,
+                f"{what}; the next sweep covers it: {exc}",
+                Delivered.PERMANENT_ERROR,
+                durationMs=ms_since(t0),
+            )
+            return None
+        log_results(report, False)
+        summary = summarize(report, ms_since(started), token)
+        try:
+            state, after = store.record(shard.sweep, shard.shard, summary)
+        except TransientError as exc:
+            _redelivering(f"shard {shard.label}: cannot record it", exc)
+            raise
+        if state is Recorded.UNKNOWN or after is None:
+            log_line(
+                logging.WARNING,
+                f"shard {shard.label} done but its sweep's progress record is gone (expired); "
+                "its part is reconciled, the sweep's report is lost",
+                Delivered.STALE,
+            )
+            return None
+        if state is Recorded.DUPLICATE:
+            log_line(
+                logging.INFO,
+                f"shard {shard.label} was reported by another delivery meanwhile; not counted "
+                "again",
+                Delivered.DUPLICATE,
+            )
+            return None
+        level = logging.WARNING if summary["driftCount"] or summary["errorCount"] else logging.INFO
+        log_line(
+            level,
+            f"sweep {shard.sweep} shard {shard.label}: {_tally(summary)}; "
+            f"{len(after.results)} of {after.shards} shard(s) reported",
+            Delivered.SWEPT_SHARD,
+            outcomes=summary["outcomes"],
+            drift=summary["drift"],
+            errors=summary["errors"],
+            pruned=summary["pruned"],
+            externalServices=summary["externalServices"],
+            shardsReported=len(after.results),
+            durationMs=ms_since(started),
+        )
+        if state is Recorded.COMPLETES:
+            return finish_shard(rt, store, after, shard, token)
+        return summary
+
+
+def _reported_already(
+    rt: ShardedRuntime, store: ProgressStore, record: Record, shard: ShardMessage
+) -> dict[str, Any] | None:
+    """A delivery of a shard reported already: nothing to do, unless it was the completing
+    shard and its end was abandoned (then this delivery finishes the sweep)."""
+    fin = record.finish
+    if record.done is None and fin is not None and fin.shard == shard.shard:
+        quiet_s = (rt.clock() - fin.since).total_seconds()
+        if not fin.token or quiet_s > FINISH_LEASE_S:
+            token = new_token()
+            if store.take_over(record, shard.shard, token):
+                log_line(
+                    logging.WARNING,
+                    f"sweep {shard.sweep}: its end was left unfinished ({quiet_s:.0f}s); "
+                    f"shard {shard.label} finishes it",
+                    Delivered.SWEPT_SHARD,
+                )
+                return finish_shard(rt, store, record, shard, token)
+        else:
+            log_line(
+                logging.INFO,
+                f"shard {shard.label}: the sweep's end is running in another delivery "
+                f"({quiet_s:.0f}s so far); raising so that Pub/Sub asks again later",
+                Delivered.TRANSIENT_ERROR,
+            )
+            raise TransientError(f"sweep {shard.sweep} is being finished by another delivery")
+    log_line(
+        logging.INFO,
+        f"shard {shard.label} already reported ({len(record.results)} of {record.shards}"
+        f"{', sweep done' if record.done is not None else ''}); nothing done",
+        Delivered.DUPLICATE,
+    )
+    return None
+
+
+def finish_shard(
+    rt: ShardedRuntime, store: ProgressStore, record: Record, shard: ShardMessage, token: str
+) -> dict[str, Any]:
+    """The end of a sharded sweep, run once by the delivery that completed its record: DNS
+    delivered from live state after every shard reconciled its part, then the one merged
+    report logged with the sweep id, then the record marked done.
+
+    A failure raises for redelivery after releasing the claim, so that the next delivery of
+    this shard finishes at once. If the instance dies instead, the claim's lease runs out and
+    a redelivery takes over; DNS delivery is idempotent, and at worst (a death between the
+    report line and ``done``) the report is logged twice under the same sweep id.
+    """
+    t0 = time.monotonic()
+    try:
+        end = rt.shard_reconciler().finish_sweep()
+    except (TransientError, PermanentError) as exc:
+        _redelivering(
+            f"sweep {shard.sweep}: DNS delivery at its end failed", exc, durationMs=ms_since(t0)
+        )
+        with contextlib.suppress(Exception):
+            store.take_over(record, shard.shard, "")  # released: the next delivery finishes
+        raise TransientError(f"end of sweep {shard.sweep}: {exc}") from exc
+    merged = merge(record.results, record.shards, end.dns.to_dict() if end.dns else None)
+    if end.errors:
+        merged["errors"] = [*merged["errors"], *end.errors]
+        merged["errorCount"] += len(end.errors)
+    if end.access is not None:
+        merged["access"] = end.access
+    sweep_s = (rt.clock() - record.started).total_seconds()
+    level = (
+        logging.WARNING
+        if merged["driftCount"] or merged["errorCount"] or merged["fightCount"]
+        else logging.INFO
+    )
+    log_line(
+        level,
+        f"sweep: {_tally(merged)}"
+        + (f", {merged['fightCount']} field manager fight(s)" if merged["fightCount"] else "")
+        + f"; {record.shards} shards, sweep {shard.sweep} done in {sweep_s:.1f}s",
+        Delivered.SWEPT,
+        **{k: v for k, v in merged.items() if k not in ("missingShards", "shardsReported")},
+        finishedBy=shard.shard,
+        sweepSeconds=round(sweep_s, 3),
+        dryRun=False,
+        durationMs=ms_since(t0),
+    )
+    counts = {
+        k: merged[k] for k in ("externalServices", "driftCount", "pruned", "errorCount", "shards")
+    }
+    store.mark_done(record, {"by": shard.shard, "sweepSeconds": round(sweep_s, 3), **counts})
+    return merged

@@ -9,7 +9,8 @@ from __future__ import annotations
 from core.kube import Kube
 from core.settings import Settings
 from dns.delivery import DnsDelivery
-from reconcile.controller import Clock, Reconciler, utcnow
+from reconcile.base import Clock, utcnow
+from reconcile.controller import Reconciler
 
 
 def build_reconciler(kube: Kube, settings: Settings, *, clock: Clock = utcnow) -> Reconciler:

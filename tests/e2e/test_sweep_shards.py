@@ -17,7 +17,6 @@ from typing import Any
 
 import pytest
 
-from core import constants as c
 from core.kube import CONFIGMAP, Kube, api_client_from_kubeconfig
 from core.notice import DEFAULT_SWEEP_TOPIC, parse_time
 from core.shards import ShardMessage, shard_of
@@ -28,6 +27,7 @@ from tests.e2e.helpers import fingerprint, log_entries, log_size
 from tests.e2e.test_pipeline import converged, events_paused
 from tests.integration.helpers import (
     GATEWAY_NS,
+    apply_orphan,
     children,
     create_es,
     eventually,
@@ -86,17 +86,7 @@ def test_sharded_sweep_reconciles_each_name_in_its_shard_and_reports_once(
         # Drift only a sweep finds (ConfigMaps are not watched), and an orphan to prune.
         for name in names:
             admin.delete(CONFIGMAP, name, GATEWAY_NS)
-        admin.apply(
-            {
-                "apiVersion": "v1",
-                "kind": "ConfigMap",
-                "metadata": {
-                    "name": orphan,
-                    "namespace": GATEWAY_NS,
-                    "labels": {c.LABEL_APP: c.APP_VALUE, c.LABEL_GATEWAY: orphan},
-                },
-            }
-        )
+        apply_orphan(admin, orphan)
         sharded.trigger_sweep()
 
         def fanned_out() -> dict[str, Any] | None:

@@ -22,7 +22,8 @@ from typing import Any
 
 from core import constants as c
 from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, POD, SERVICE, Kube
-from reconcile.controller import Outcome, Reconciler, Result
+from reconcile.controller import Reconciler
+from reconcile.results import Outcome, Result
 from tests.integration.helpers import (
     GATEWAY_NS,
     ContinuousClient,

@@ -96,6 +96,22 @@ def children(admin: Kube, name: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def apply_orphan(admin: Kube, name: str) -> None:
+    """A ConfigMap labelled as gateway ``name``'s with no ExternalService of that name: an
+    orphan, which a sweep prunes."""
+    admin.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": GATEWAY_NS,
+                "labels": {c.LABEL_APP: c.APP_VALUE, c.LABEL_GATEWAY: name},
+            },
+        }
+    )
+
+
 def dev_settings(**overrides: Any) -> Settings:
     """Reconciler settings for the dev node: its locally built Envoy image (nothing is ever
     pulled there), everything else the product's defaults unless overridden."""

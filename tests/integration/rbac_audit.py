@@ -159,6 +159,13 @@ def accesses(requests: Iterable[Request]) -> set[Access]:
     return out
 
 
+def needed_by(requests: Sequence[Request]) -> set[Access]:
+    """What ``requests`` needed of RBAC, once it is checked that RBAC refused none of them."""
+    refused = [r for r in requests if r.status == 403]
+    assert not refused, f"requests refused by RBAC: {refused}"
+    return accesses(requests)
+
+
 def _owner_reference_checks(req: Request) -> set[Access]:
     """Setting an ownerReference with blockOwnerDeletion is authorised as ``update`` of the
     owner's ``finalizers`` subresource where the OwnerReferencesPermissionEnforcement admission

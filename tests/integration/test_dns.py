@@ -15,7 +15,8 @@ from core.kube import CONFIGMAP, EXTERNAL_SERVICE, SERVICE, Kube, api_client_fro
 from core.settings import Settings
 from dns.delivery import DnsDelivery
 from reconcile.app import build_reconciler
-from reconcile.controller import Outcome, Reconciler
+from reconcile.controller import Reconciler
+from reconcile.results import Outcome
 from tests.conftest import DevStack
 from tests.integration.helpers import (
     GATEWAY_NS,
@@ -154,7 +155,7 @@ def test_quiet_rules_are_settled_once_and_the_next_write_drops_the_marker(
     from core.kube import POD
     from dns.delivery import SETTLE_AFTER_S
     from dns.render import SETTLE_KEY, SETTLE_TEXT
-    from reconcile.controller import utcnow
+    from reconcile.base import utcnow
 
     later = [0.0]
     rec = build_reconciler(

@@ -32,7 +32,8 @@ from core.spec import (
     parse_external_service,
     quantity_value,
 )
-from reconcile.controller import Outcome, Reconciler
+from reconcile.controller import Reconciler
+from reconcile.results import Outcome
 from tests.integration.helpers import (
     GATEWAY_NS,
     children,

@@ -46,8 +46,9 @@ from core.kube import (
 )
 from dns.delivery import DnsDelivery
 from egressctl.cli import main as egressctl
-from reconcile.controller import Outcome, Reconciler
+from reconcile.controller import Reconciler
 from reconcile.migration import CRD, inspect_crd, leftover_bridges, replace_crd
+from reconcile.results import Outcome
 from tests.conftest import REPO, DevStack
 from tests.integration.changes import _rolled_out
 from tests.integration.helpers import (

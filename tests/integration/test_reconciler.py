@@ -26,7 +26,8 @@ from core.kube import (
     Resource,
     api_client_from_kubeconfig,
 )
-from reconcile.controller import Outcome, Reconciler
+from reconcile.controller import Reconciler
+from reconcile.results import Outcome
 from tests.conftest import DevStack
 from tests.integration.faultproxy import Fault, FaultProxy
 from tests.integration.helpers import (

@@ -13,9 +13,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -23,83 +21,37 @@ from cloudevents.http import CloudEvent
 from werkzeug.test import EnvironBuilder
 from werkzeug.wrappers import Request
 
-from core import logs
 from core.errors import PermanentError, TransientError
 from core.notice import Notice, format_time
-from core.settings import Settings
-from functions.handlers import Delivered, Runtime, handle_event, handle_repair, handle_sweep
+from functions.handlers import handle_event, handle_repair, handle_sweep
+from functions.outcomes import Delivered
 from functions.settings import PipelineSettings
-from reconcile.controller import Action, Change, Outcome, Result, SweepReport
+from reconcile.results import Action, Change, Outcome, Result, SweepReport
+from tests.unit.stubs import (
+    NOW,
+    Step,
+    StubReconciler,
+    StubRuntime,
+    captured_outcomes,
+    stub_runtime,
+)
 
-NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 MAX_AGE_S = PipelineSettings().max_event_age_s
 INLINE_MAX_S = PipelineSettings().inline_requeue_max_s
 
-Step = Result | Exception
-
-
-@dataclass
-class StubReconciler:
-    """Answers each reconcile with the next step (a Result, or an exception to raise)."""
-
-    steps: list[Step] = field(default_factory=list)
-    sweep_step: SweepReport | Exception = field(default_factory=SweepReport)
-    reconciled: list[str] = field(default_factory=list)
-    swept: int = 0
-
-    def reconcile(self, name: str) -> Result:
-        self.reconciled.append(name)
-        step = self.steps.pop(0)
-        if isinstance(step, Exception):
-            raise step
-        return step
-
-    def sweep(self) -> SweepReport:
-        self.swept += 1
-        if isinstance(self.sweep_step, Exception):
-            raise self.sweep_step
-        return self.sweep_step
-
-
-@dataclass
-class StubRuntime(Runtime):
-    stub: StubReconciler = field(default_factory=StubReconciler)
-    dry_runs: list[bool] = field(default_factory=list)
-    slept: list[float] = field(default_factory=list)
-
-    def reconciler(self, dry_run: bool = False) -> StubReconciler:
-        self.dry_runs.append(dry_run)
-        return self.stub
-
 
 def runtime(*steps: Step, sweep: SweepReport | Exception | None = None) -> StubRuntime:
-    rt = StubRuntime(Settings.from_env({}), PipelineSettings(), env={}, clock=lambda: NOW)
-    rt.sleep = rt.slept.append
-    rt.stub.steps = list(steps)
+    stub = StubReconciler(steps=list(steps))
     if sweep is not None:
-        rt.stub.sweep_step = sweep
-    return rt
+        stub.sweep_step = sweep
+    return stub_runtime(stub)
 
 
 @pytest.fixture
 def log_lines() -> Iterator[Callable[[], list[dict[str, Any]]]]:
     """The structured lines with an ``outcome`` written during the test."""
-    import io
-
-    logger = logging.getLogger(logs.LOGGER_NAME)
-    saved = list(logger.handlers), logger.propagate, logger.level
-    stream = io.StringIO()
-    logs.setup("proj", stream)
-
-    def read() -> list[dict[str, Any]]:
-        entries = [json.loads(line) for line in stream.getvalue().splitlines()]
-        return [e for e in entries if "outcome" in e]
-
-    try:
+    with captured_outcomes() as read:
         yield read
-    finally:
-        logger.handlers[:], logger.propagate = saved[0], saved[1]
-        logger.setLevel(saved[2])
 
 
 def notice_event(name: str = "google", age_s: float = 1.0) -> CloudEvent:

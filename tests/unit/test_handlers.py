@@ -12,14 +12,12 @@ from Werkzeug, and ``main.py`` served by functions-framework's own app.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import io
 import json
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,83 +32,33 @@ from werkzeug.wrappers import Request
 from core import logs
 from core.errors import TransientError
 from core.notice import FIELDS, Notice, format_time
-from core.settings import Settings
 from functions.handlers import (
     MAX_REPAIR_BODY_BYTES,
-    Runtime,
     handle_event,
     handle_repair,
     handle_sweep,
 )
-from functions.settings import PipelineSettings
-from reconcile.controller import Outcome, Result, SweepReport
+from reconcile.results import Outcome
+from tests.unit.stubs import (
+    NOW,
+    StubReconciler,
+    StubRuntime,
+    captured,
+    outcome_lines,
+    stub_runtime,
+)
 
 REPO = Path(__file__).resolve().parents[2]
-NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 # A refusal quotes a few hundred characters of the input at most, however large it is.
 MAX_LINE_CHARS = 2000
 
 
-@dataclass
-class Recorder:
-    """Stands in for ``reconcile.controller.Reconciler``: records calls, optionally fails."""
-
-    calls: list[str] = field(default_factory=list)
-    fail: Exception | None = None
-
-    def reconcile(self, name: str) -> Result:
-        self.calls.append(name)
-        if self.fail is not None:
-            raise self.fail
-        return Result(name, Outcome.IN_SYNC)
-
-    def sweep(self) -> SweepReport:
-        self.calls.append("*sweep*")
-        return SweepReport()
-
-
-@dataclass
-class RecordingRuntime(Runtime):
-    recorder: Recorder = field(default_factory=Recorder)
-
-    def reconciler(self, dry_run: bool = False) -> Any:
-        return self.recorder
-
-
-def runtime(fail: Exception | None = None) -> RecordingRuntime:
-    return RecordingRuntime(
-        Settings.from_env({}),
-        PipelineSettings(),
-        env={},
-        clock=lambda: NOW,
-        sleep=lambda _s: None,
-        recorder=Recorder(fail=fail),
-    )
-
-
-@contextlib.contextmanager
-def captured() -> Iterator[io.StringIO]:
-    """The ``egress`` log lines written inside the block; the previous handlers come back."""
-    logger = logging.getLogger(logs.LOGGER_NAME)
-    handlers, propagate, level = list(logger.handlers), logger.propagate, logger.level
-    stream = io.StringIO()
-    logs.setup("proj", stream)
-    try:
-        yield stream
-    finally:
-        logger.handlers[:] = handlers
-        logger.propagate = propagate
-        logger.setLevel(level)
-
-
-def lines(stream: io.StringIO) -> list[dict[str, Any]]:
-    text = stream.getvalue().splitlines()
-    assert all(len(line) < MAX_LINE_CHARS for line in text), "a log line carries the payload"
-    return [json.loads(line) for line in text]
+def runtime(fail: Exception | None = None) -> StubRuntime:
+    return stub_runtime(StubReconciler(fail=fail))
 
 
 def outcomes(stream: io.StringIO) -> list[dict[str, Any]]:
-    return [entry for entry in lines(stream) if "outcome" in entry]
+    return outcome_lines(stream, max_chars=MAX_LINE_CHARS)
 
 
 def notice_body(**overrides: Any) -> dict[str, Any]:
@@ -151,13 +99,13 @@ def repair_request(body: bytes, **headers: str) -> Request:
     return environ.get_request()
 
 
-def assert_acknowledged_malformed(rt: RecordingRuntime, stream: io.StringIO, reason: str) -> None:
+def assert_acknowledged_malformed(rt: StubRuntime, stream: io.StringIO, reason: str) -> None:
     [entry] = outcomes(stream)
     assert entry["outcome"] == "malformed", entry
     assert entry["severity"] == "WARNING", entry
     assert reason in entry["reason"] and reason in entry["message"], entry
     assert entry["function"] == "event" and "logging.googleapis.com/trace" in entry, entry
-    assert rt.recorder.calls == []
+    assert rt.stub.calls == []
 
 
 # -- reproductions: each used to raise (500, redelivered, dead-lettered) -------------------
@@ -198,7 +146,7 @@ def test_extreme_but_representable_times_are_stale_or_future() -> None:
         with captured() as stream:
             handle_event(rt, pubsub_event(j(notice_body(time=when))))
         assert [e["outcome"] for e in outcomes(stream)] == [outcome]
-    assert rt.recorder.calls == []
+    assert rt.stub.calls == []
 
 
 @pytest.mark.parametrize(
@@ -277,7 +225,7 @@ def test_hostile_cloudevent_attributes_are_logged_bounded(attributes: dict[str, 
     with captured() as stream:
         handle_sweep(rt, cloud_event({"message": {}}, **attributes))
     assert [e["outcome"] for e in outcomes(stream)] == ["swept"]
-    assert rt.recorder.calls == ["*sweep*"]
+    assert rt.stub.calls == ["*sweep*"]
 
 
 @pytest.mark.parametrize(
@@ -310,14 +258,14 @@ def test_repair_bodies_that_cannot_be_parsed_are_400(body: bytes, reason: str) -
     [entry] = outcomes(stream)
     assert entry["outcome"] == "bad-request" and entry["severity"] == "WARNING", entry
     assert reason in entry["reason"], entry
-    assert rt.recorder.calls == []
+    assert rt.stub.calls == []
 
 
 def test_repair_accepts_a_byte_order_mark() -> None:
     rt = runtime()
     with captured():
         _, status, _ = handle_repair(rt, repair_request(b'\xef\xbb\xbf{"name": "google"}'))
-    assert status == 200 and rt.recorder.calls == ["google"]
+    assert status == 200 and rt.stub.calls == ["google"]
 
 
 def test_reconciler_failures_still_raise_for_redelivery() -> None:
@@ -326,7 +274,7 @@ def test_reconciler_failures_still_raise_for_redelivery() -> None:
         rt = runtime(fail=failure)
         with captured() as stream, pytest.raises(type(failure)):
             handle_event(rt, pubsub_event(j(notice_body())))
-        assert rt.recorder.calls == ["google"]
+        assert rt.stub.calls == ["google"]
         assert [e["outcome"] for e in outcomes(stream)] in (["transient-error"], ["error"])
     rt = runtime(fail=TransientError("apiserver 503", 503))
     with captured():
@@ -338,14 +286,14 @@ def test_reconciler_failures_still_raise_for_redelivery() -> None:
 
 
 @pytest.fixture(scope="module")
-def served() -> Iterator[dict[str, tuple[FlaskClient, RecordingRuntime]]]:
+def served() -> Iterator[dict[str, tuple[FlaskClient, StubRuntime]]]:
     """``main.py``'s entry points in functions-framework's app, each with a recording runtime."""
     import functions_framework
 
     create_app: Any = functions_framework.create_app
     logger = logging.getLogger(logs.LOGGER_NAME)
     handlers, path = list(logger.handlers), list(sys.path)
-    clients: dict[str, tuple[FlaskClient, RecordingRuntime]] = {}
+    clients: dict[str, tuple[FlaskClient, StubRuntime]] = {}
     try:
         for target in ("on_event", "repair"):
             app = create_app(target, str(REPO / "main.py"))
@@ -376,38 +324,38 @@ def push(data: bytes) -> dict[str, object]:
     ids=["deep", "time-out-of-range", "binary", "name-list"],
 )
 def test_malformed_pushes_are_answered_2xx(
-    served: dict[str, tuple[FlaskClient, RecordingRuntime]], data: bytes
+    served: dict[str, tuple[FlaskClient, StubRuntime]], data: bytes
 ) -> None:
     client, rt = served["on_event"]
     with captured() as stream:
         response = client.post("/", json=push(data))
     assert response.status_code == 200, response.data
     assert [e["outcome"] for e in outcomes(stream)] == ["malformed"]
-    assert rt.recorder.calls == []
+    assert rt.stub.calls == []
 
 
 def test_a_transient_failure_is_still_answered_500(
-    served: dict[str, tuple[FlaskClient, RecordingRuntime]],
+    served: dict[str, tuple[FlaskClient, StubRuntime]],
 ) -> None:
     client, rt = served["on_event"]
-    rt.recorder.fail = TransientError("apiserver 503", 503)
+    rt.stub.fail = TransientError("apiserver 503", 503)
     try:
         with captured():
             response = client.post("/", json=push(j(notice_body(time=format_time(NOW)))))
     finally:
-        rt.recorder.fail = None
+        rt.stub.fail = None
     assert response.status_code == 500
 
 
 def test_deep_repair_body_is_answered_400(
-    served: dict[str, tuple[FlaskClient, RecordingRuntime]],
+    served: dict[str, tuple[FlaskClient, StubRuntime]],
 ) -> None:
     client, rt = served["repair"]
     with captured():
         response = client.post("/", data=b"[" * 60_000, content_type="application/json")
     assert response.status_code == 400
     assert "nested too deeply" in response.get_json()["error"]
-    assert rt.recorder.calls == []
+    assert rt.stub.calls == []
 
 
 # -- fuzz -------------------------------------------------------------------------------
@@ -523,10 +471,10 @@ def test_fuzz_event_handler_acknowledges_or_reconciles_never_raises(
     [entry] = outcomes(stream)  # exactly one line says how the message ended
     if entry["outcome"] == "malformed":
         assert entry["severity"] == "WARNING", entry  # never the parser-bug ERROR
-        assert rt.recorder.calls == []
+        assert rt.stub.calls == []
     else:
         assert entry["outcome"] in ("stale", Outcome.IN_SYNC), entry
-        assert len(rt.recorder.calls) == (entry["outcome"] == Outcome.IN_SYNC)
+        assert len(rt.stub.calls) == (entry["outcome"] == Outcome.IN_SYNC)
 
 
 @FUZZ
@@ -568,9 +516,9 @@ def test_fuzz_repair_answers_2xx_or_400_never_500(
     answer = json.loads(text)
     if status == 400:
         assert answer["error"] and len(text) < 1000, text
-        assert rt.recorder.calls == []
+        assert rt.stub.calls == []
         [entry] = outcomes(stream)
         assert entry["outcome"] == "bad-request" and entry["severity"] == "WARNING", entry
     else:
         assert status == 200, text
-        assert len(rt.recorder.calls) == 1
+        assert len(rt.stub.calls) == 1

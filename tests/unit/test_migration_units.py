@@ -15,7 +15,7 @@ from core import constants as c
 from core.errors import PermanentError
 from core.kube import field_conflicts
 from core.settings import Settings
-from reconcile.controller import Reconciler, _status_equal
+from reconcile.controller import Reconciler
 from reconcile.fights import TakeBack, condition_message, encode, fights, memory
 from reconcile.migration import (
     CrdState,
@@ -25,6 +25,7 @@ from reconcile.migration import (
     plugin_directive,
     port_renames,
 )
+from reconcile.status import status_equal
 
 NOW = dt.datetime(2026, 1, 1, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -123,9 +124,9 @@ def test_a_409_names_each_manager_and_field() -> None:
 def test_a_condition_to_drop_is_a_status_change() -> None:
     cond = {"type": "Ready", "status": "True", "reason": "R", "message": "m"}
     conflict = {"type": "Conflict", "status": "True", "reason": "FieldManagerConflict"}
-    assert _status_equal({"conditions": [cond]}, {"conditions": [cond]})
-    assert not _status_equal({"conditions": [cond, conflict]}, {"conditions": [cond]})
-    assert not _status_equal({"conditions": [cond]}, {"conditions": [cond, conflict]})
+    assert status_equal({"conditions": [cond]}, {"conditions": [cond]})
+    assert not status_equal({"conditions": [cond, conflict]}, {"conditions": [cond]})
+    assert not status_equal({"conditions": [cond]}, {"conditions": [cond, conflict]})
 
 
 class NoStatusKube:

@@ -10,25 +10,21 @@ protocol through the Pub/Sub emulator, functions-framework and the real API serv
 from __future__ import annotations
 
 import base64
-import contextlib
 import copy
 import datetime as dt
-import io
 import itertools
 import json
-import logging
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from cloudevents.http import CloudEvent
 
-from core import logs
 from core.errors import PermanentError, TransientError
 from core.kube import CONFIGMAP, EXTERNAL_SERVICE
 from core.notice import BadNotice, format_time
@@ -44,7 +40,7 @@ from core.shards import (
     shard_of,
     sweep_id_of,
 )
-from functions.handlers import Runtime, handle_sweep, retention_s
+from functions.handlers import Runtime, handle_sweep
 from functions.settings import PipelineSettings
 from functions.shards import (
     FINISH_LEASE_S,
@@ -55,11 +51,12 @@ from functions.shards import (
     Recorded,
     merge,
     record_name,
+    retention_s,
     summarize,
 )
-from reconcile.controller import Action, Change, Outcome, Result, SweepReport
+from reconcile.results import Action, Change, Outcome, Result, SweepReport
+from tests.unit.stubs import NOW, captured_outcomes
 
-NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 NS = "egress-operator-system"
 SWEEP = "0123456789abcdef"
 
@@ -652,27 +649,9 @@ def shard_event(m: ShardMessage | bytes, attributes: dict[str, str] | None = Non
     )
 
 
-@contextlib.contextmanager
-def captured() -> Iterator[Callable[[], list[dict[str, Any]]]]:
-    logger = logging.getLogger(logs.LOGGER_NAME)
-    saved = list(logger.handlers), logger.propagate, logger.level
-    stream = io.StringIO()
-    logs.setup("proj", stream)
-
-    def read() -> list[dict[str, Any]]:
-        entries = [json.loads(line) for line in stream.getvalue().splitlines()]
-        return [e for e in entries if "outcome" in e]
-
-    try:
-        yield read
-    finally:
-        logger.handlers[:], logger.propagate = saved[0], saved[1]
-        logger.setLevel(saved[2])
-
-
 def test_below_the_threshold_the_sweep_runs_whole_in_one_invocation() -> None:
     rt = shard_runtime(10, shard_size=10)
-    with captured() as read:
+    with captured_outcomes() as read:
         out = handle_sweep(rt, trigger())
     assert out is not None and out["externalServices"] == 10
     assert rt.stub.whole_sweeps == 1 and rt.fake_publisher.published == []
@@ -683,7 +662,7 @@ def test_below_the_threshold_the_sweep_runs_whole_in_one_invocation() -> None:
 
 def test_without_sharding_not_one_request_more() -> None:
     rt = shard_runtime(50, shard_size=0)
-    with captured() as read:
+    with captured_outcomes() as read:
         handle_sweep(rt, trigger())
     assert rt.stub.whole_sweeps == 1 and sum(rt.fake_kube.calls.values()) == 0
     assert [e["outcome"] for e in read()] == ["swept"]
@@ -696,7 +675,7 @@ def run_shards(rt: ShardRuntime, messages: list[ShardMessage]) -> list[Any]:
 def test_fan_out_then_every_name_once_by_its_shard_dns_once_one_report() -> None:
     rt = shard_runtime(95, shard_size=20, orphans=7, drifted=4)
     sweep_id = sweep_id_of("42", format_time(NOW))
-    with captured() as read:
+    with captured_outcomes() as read:
         out = handle_sweep(rt, trigger())
         assert out is not None and out["shards"] == 5 and out["published"] == 5
         messages = rt.fake_publisher.published
@@ -740,7 +719,7 @@ def test_fan_out_then_every_name_once_by_its_shard_dns_once_one_report() -> None
 
 def test_a_redelivered_trigger_publishes_only_what_is_missing_and_then_nothing() -> None:
     rt = shard_runtime(40, shard_size=10)
-    with captured() as read:
+    with captured_outcomes() as read:
         handle_sweep(rt, trigger())
         first = list(rt.fake_publisher.published)
         run_shards(rt, first[:2])
@@ -759,7 +738,7 @@ def test_a_redelivered_trigger_publishes_only_what_is_missing_and_then_nothing()
 def test_a_failed_publish_raises_so_that_the_trigger_comes_again() -> None:
     rt = shard_runtime(40, shard_size=10)
     rt.fake_publisher.fail = TransientError("unavailable")
-    with captured() as read, pytest.raises(TransientError):
+    with captured_outcomes() as read, pytest.raises(TransientError):
         handle_sweep(rt, trigger())
     assert read()[-1]["outcome"] == "transient-error"
     handle_sweep(rt, trigger())
@@ -769,7 +748,7 @@ def test_a_failed_publish_raises_so_that_the_trigger_comes_again() -> None:
 def test_a_lost_shard_leaves_the_sweep_incomplete_until_a_later_sweep_reports_it() -> None:
     rt = shard_runtime(40, shard_size=10)
     assert isinstance(rt.clock, Clock)
-    with captured() as read:
+    with captured_outcomes() as read:
         handle_sweep(rt, trigger("1"))
         run_shards(rt, rt.fake_publisher.published[1:])  # shard 0 is never delivered
         assert rt.stub.finishes == 0
@@ -788,7 +767,7 @@ def test_a_lost_shard_leaves_the_sweep_incomplete_until_a_later_sweep_reports_it
 
 def test_stale_unknown_and_mismatched_shard_messages_are_acknowledged_unrun() -> None:
     rt = shard_runtime(40, shard_size=10)
-    with captured() as read:
+    with captured_outcomes() as read:
         handle_sweep(rt, trigger())
         m = rt.fake_publisher.published[0]
         old = ShardMessage(m.sweep, 0, 4, NOW - dt.timedelta(seconds=SWEEP_MAX_AGE_S + 1))
@@ -818,7 +797,7 @@ def test_malformed_shard_messages_are_logged_and_acknowledged(
     event = shard_event(data, attributes or {})
     if data == b"":
         event.data["message"].pop("data")
-    with captured() as read:
+    with captured_outcomes() as read:
         assert handle_sweep(rt, event) is None
     [line] = read()
     assert line["outcome"] == "malformed" and line["severity"] == "WARNING", line
@@ -846,7 +825,7 @@ def test_a_shard_that_fails_transiently_is_redelivered_and_then_counted_once() -
 def test_the_end_is_retried_at_once_after_a_failure_and_taken_over_after_a_death() -> None:
     rt = shard_runtime(20, shard_size=10)
     assert isinstance(rt.clock, Clock)
-    with captured() as read:
+    with captured_outcomes() as read:
         handle_sweep(rt, trigger())
         first, second = rt.fake_publisher.published
         handle_sweep(rt, shard_event(first))
@@ -871,7 +850,7 @@ def test_the_end_is_retried_at_once_after_a_failure_and_taken_over_after_a_death
         handle_sweep(rt, shard_event(second))
     assert rt.stub.finishes == 0
     rt.clock.now = NOW + dt.timedelta(seconds=FINISH_LEASE_S + 1)
-    with captured() as read:
+    with captured_outcomes() as read:
         handle_sweep(rt, shard_event(second))
         handle_sweep(rt, shard_event(second))
     assert rt.stub.finishes == 1
@@ -882,7 +861,7 @@ def test_the_end_is_retried_at_once_after_a_failure_and_taken_over_after_a_death
 def test_one_sharded_sweep_at_a_time() -> None:
     rt = shard_runtime(40, shard_size=10)
     assert isinstance(rt.clock, Clock)
-    with captured() as read:
+    with captured_outcomes() as read:
         handle_sweep(rt, trigger("1"))
         first = list(rt.fake_publisher.published)
         run_shards(rt, first[:3])
