@@ -62,9 +62,7 @@ from bench._common import rss_kb
 from bench.stack import REPO, bench_stack
 
 if TYPE_CHECKING:
-    from core.kube import Kube, Resource
-
-Obj = dict[str, Any]
+    from core.kube import Kube, Obj, Resource
 
 SUITE_LABEL = "bench.egress.monzo.com/suite"
 SUITE = "access"

@@ -70,7 +70,9 @@ def test_no_request_fails_while_the_gateway_changes_or_goes(
         purge(admin, name)
     assert [p.name for p in run.phases] == list(PHASES)
     for phase in run.phases:
-        assert len(phase.samples) >= 10 * (phase.end - phase.start), (
+        # About 30 requests a second on a quiet machine; 9 were seen on a loaded one. Five a
+        # second still leaves no change of state unwatched (each phase lasts seconds).
+        assert len(phase.samples) >= 5 * (phase.end - phase.start), (
             f"{phase.name}: the client sent too little to prove anything: {run.summary()}"
         )
         assert not phase.failed, f"{phase.name}: {phase.failed[:5]} ({run.summary()})"
