@@ -22,7 +22,7 @@ BENCH_SHARDS_N (default 10,000) ExternalServices are created through the API (no
 controller-manager, kube-proxy and kube-router of the bench stack are paused, so that the 2 cores
 measure the reconciler and the API server, not the node's agents reacting to 10,000 gateways).
 Then, for each state, one invocation (SWEEP_SHARD_SIZE=0) and BENCH_SHARDS shards (default 5:
-SWEEP_SHARD_SIZE=ceil(N/shards), 2,000 as by default):
+SWEEP_SHARD_SIZE=ceil(N/shards), 2,000 at 10,000):
 
 - in sync: nothing to write;
 - drift: every gateway's ConfigMap deleted (one write per ExternalService to repair);
