@@ -26,6 +26,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from core.errors import TransientError
 from core.kube import Kube
 
 # The kinds the reconciler reads or writes, by the API server's resource name.
@@ -174,6 +175,18 @@ def node_paused() -> Iterator[list[str]]:
             for part in ("kube-controller-manager", "kube-proxy", "kube-router")
             if stack.enter_context(paused(part))
         ]
+
+
+def delete_all(admin: Kube, path: str, selector: str) -> None:
+    """A collection DELETE, again until it completes: with thousands of objects one request
+    can outlast the API server's 60 s (504), having deleted only some."""
+    for _ in range(30):
+        try:
+            admin.request("DELETE", path, query=[("labelSelector", selector)])
+            return
+        except TransientError:
+            continue
+    raise RuntimeError(f"could not empty {path}")
 
 
 def own_peak_rss_mib() -> float:

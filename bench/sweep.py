@@ -34,6 +34,7 @@ from typing import Any
 
 from bench._apiserver import (
     cpu_seconds,
+    delete_all,
     emit,
     node_paused,
     ours,
@@ -44,7 +45,6 @@ from bench._apiserver import (
 )
 from bench.stack import REPO, bench_stack
 from core import constants as c
-from core.errors import TransientError
 from core.kube import EXTERNAL_SERVICE, GATEWAY_KINDS, Kube, api_client_from_kubeconfig
 from core.settings import Settings
 from reconcile.app import build_reconciler
@@ -82,21 +82,9 @@ def _create(admin: Kube, n: int) -> float:
     return time.perf_counter() - start
 
 
-def _delete_all(admin: Kube, path: str, selector: str) -> None:
-    """A collection DELETE, again until it completes: with thousands of objects one request
-    can outlast the API server's 60 s (504), having deleted only some."""
-    for _ in range(30):
-        try:
-            admin.request("DELETE", path, query=[("labelSelector", selector)])
-            return
-        except TransientError:
-            continue
-    raise RuntimeError(f"could not empty {path}")
-
-
 def _delete_gateways(admin: Kube) -> None:
     for resource in GATEWAY_KINDS:
-        _delete_all(admin, resource.path(GATEWAY_NS), c.LABEL_GATEWAY)
+        delete_all(admin, resource.path(GATEWAY_NS), c.LABEL_GATEWAY)
 
 
 def _cleanup(admin: Kube) -> None:
@@ -109,7 +97,7 @@ def _cleanup(admin: Kube) -> None:
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(release, stuck))
-    _delete_all(admin, EXTERNAL_SERVICE.path(), BENCH_LABEL)
+    delete_all(admin, EXTERNAL_SERVICE.path(), BENCH_LABEL)
     _delete_gateways(admin)
 
 

@@ -56,7 +56,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from bench._apiserver import node_paused, ours, request_total, verbs_text
+from bench._apiserver import delete_all, node_paused, ours, request_total, verbs_text
 from bench._common import children_of, rss_kb
 from bench.stack import bench_stack
 from core import constants as c
@@ -93,16 +93,14 @@ def _delete(admin: Kube, kinds: tuple[Any, ...]) -> float:
     """Delete every gateway object of these kinds (a collection delete per kind)."""
     start = time.perf_counter()
     for resource in kinds:
-        admin.request(
-            "DELETE", resource.path(GATEWAY_NS), query=[("labelSelector", c.LABEL_GATEWAY)]
-        )
+        delete_all(admin, resource.path(GATEWAY_NS), c.LABEL_GATEWAY)
     return time.perf_counter() - start
 
 
 def _cleanup(admin: Kube) -> None:
     """This benchmark's ExternalServices (finalizers released), gateways and progress records."""
     selector = f"{BENCH_LABEL}={BENCH_VALUE}"
-    admin.request("DELETE", EXTERNAL_SERVICE.path(), query=[("labelSelector", selector)])
+    delete_all(admin, EXTERNAL_SERVICE.path(), selector)
     items, _ = admin.list_all(EXTERNAL_SERVICE, label_selector=selector)
     stuck = [i["metadata"]["name"] for i in items if i["metadata"].get("finalizers")]
 
@@ -112,7 +110,7 @@ def _cleanup(admin: Kube) -> None:
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(release, stuck))
     _delete(admin, GATEWAY_KINDS)
-    admin.request("DELETE", CONFIGMAP.path(GATEWAY_NS), query=[("labelSelector", LABEL_SWEEP)])
+    delete_all(admin, CONFIGMAP.path(GATEWAY_NS), LABEL_SWEEP)
 
 
 class Sweeps:
