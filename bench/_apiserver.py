@@ -22,7 +22,6 @@ import signal
 import sys
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,8 @@ _LABEL = re.compile(r'(\w+)="([^"]*)"')
 Sample = tuple[str, str, str, str]  # verb, resource, subresource, code
 
 
-def request_total(admin: Kube) -> Counter[Sample]:
-    """The API server's ``apiserver_request_total``, by verb, resource, subresource, code."""
+def metrics_text(admin: Kube) -> str:
+    """The API server's ``/metrics``, as the Prometheus text it serves."""
     response = admin.api.call_api(
         "/metrics",
         "GET",
@@ -65,8 +64,13 @@ def request_total(admin: Kube) -> Counter[Sample]:
         _request_timeout=30,
     )
     raw = response[0] if isinstance(response, tuple) else response
+    return str(raw.data.decode())
+
+
+def request_total(admin: Kube) -> Counter[Sample]:
+    """The API server's ``apiserver_request_total``, by verb, resource, subresource, code."""
     out: Counter[Sample] = Counter()
-    for line in raw.data.decode().splitlines():
+    for line in metrics_text(admin).splitlines():
         match = _SAMPLE.match(line)
         if not match:
             continue
@@ -164,12 +168,12 @@ def paused(part: str = "kube-controller-manager") -> Iterator[bool]:
         os.kill(pid, signal.SIGCONT)
 
 
-@contextmanager
+@contextlib.contextmanager
 def node_paused() -> Iterator[list[str]]:
     """The controller-manager and the node's agents that react to gateway objects, paused for
     the block: the 2 cores then measure the reconciler and the API server, not kube-router
     resyncing its rules for each NetworkPolicy (what a separate API server would see)."""
-    with ExitStack() as stack:
+    with contextlib.ExitStack() as stack:
         yield [
             part
             for part in ("kube-controller-manager", "kube-proxy", "kube-router")

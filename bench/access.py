@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
+from bench._apiserver import metrics_text
 from bench._common import rss_kb
 from bench.stack import REPO, bench_stack
 
@@ -529,16 +530,8 @@ def setup(admin: Kube, n_es: int, n_ns: int) -> dict[str, Any]:
 
 
 def _metric_sum(admin: Kube, name: str, needles: tuple[str, ...]) -> float:
-    response = admin.api.call_api(
-        "/metrics",
-        "GET",
-        header_params={"Accept": "text/plain"},
-        auth_settings=["BearerToken"],
-        _preload_content=False,
-    )
-    data = response[0].data if isinstance(response, tuple) else response.data
     total = 0.0
-    for line in data.decode().splitlines():
+    for line in metrics_text(admin).splitlines():
         if line.startswith(name + "{") and any(n in line for n in needles):
             total += float(line.rsplit(" ", 1)[1])
     return total

@@ -33,7 +33,13 @@ from core.settings import Settings
 from dns.delivery import DnsDelivery
 from dns.render import MAX_CONFIGMAP_BYTES, Claim, render
 from reconcile.app import build_reconciler
-from tests.integration.helpers import create_es, dev_settings, external_service, set_pods_ready
+from tests.integration.helpers import (
+    create_es,
+    create_hijacked_service,
+    dev_settings,
+    external_service,
+    set_pods_ready,
+)
 
 NS = "egress-operator-system"
 DOMAIN = "cluster.local"
@@ -61,23 +67,7 @@ def bench_render(n: int) -> None:
 
 def bench_delivery(admin: Kube, kube: Kube, settings: Settings, n: int) -> None:
     def service(i: int) -> None:
-        admin.request(
-            "POST",
-            SERVICE.path(NS),
-            body={
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {
-                    "name": f"dnsbench-{i:04d}",
-                    "labels": {c.LABEL_GATEWAY: f"dnsbench-{i:04d}", c.LABEL_HIJACK_DNS: "true"},
-                    "annotations": {c.ANNOTATION_DNS_NAME: f"service-{i:04d}.example.com"},
-                },
-                "spec": {
-                    "ports": [{"port": 443}],
-                    "selector": {c.LABEL_GATEWAY: f"dnsbench-{i:04d}"},
-                },
-            },
-        )
+        create_hijacked_service(admin, f"dnsbench-{i:04d}", f"service-{i:04d}.example.com")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(service, range(n)))

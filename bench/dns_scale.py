@@ -47,7 +47,7 @@ from core.kube import CONFIGMAP, POD, SERVICE, Kube, Obj, api_client_from_kubeco
 from core.settings import Settings
 from dns.delivery import SETTLE_AFTER_S, DnsDelivery
 from dns.render import Claim, render, rules_only, shard_of
-from tests.integration.helpers import dev_settings
+from tests.integration.helpers import create_hijacked_service, dev_settings
 
 NS = "egress-operator-system"
 DOMAIN = "cluster.local"
@@ -201,20 +201,7 @@ def _query_ms(addr: str, name: str, count: int = 200) -> float:
 
 
 def _probe(admin: Kube, name: str, dns_name: str) -> str:
-    created = admin.request(
-        "POST",
-        SERVICE.path(NS),
-        body={
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": {
-                "name": name,
-                "labels": {c.LABEL_GATEWAY: name, c.LABEL_HIJACK_DNS: "true", "bench": "dns-scale"},
-                "annotations": {c.ANNOTATION_DNS_NAME: dns_name},
-            },
-            "spec": {"ports": [{"port": 443}], "selector": {c.LABEL_GATEWAY: name}},
-        },
-    )
+    created = create_hijacked_service(admin, name, dns_name, labels={"bench": "dns-scale"})
     return str(created["spec"]["clusterIP"])
 
 

@@ -106,6 +106,34 @@ def parse_time(text: str) -> dt.datetime:
     return value.astimezone(dt.UTC)
 
 
+def message_body(
+    body: object, what: str, version: int, fields: frozenset[str], error: type[Malformed]
+) -> dict[str, Any]:
+    """A decoded message's JSON object: of ``version`` and holding exactly ``fields``."""
+    if not isinstance(body, dict):
+        raise error(f"{what} must be a JSON object, got {type(body).__name__}")
+    got = body.get("v")
+    if got != version or isinstance(got, bool):
+        raise error(f"unsupported {what} version {got!r} (this function reads v{version})")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise error(f"unknown field(s) {', '.join(map(repr, unknown))}")
+    missing = sorted(fields - set(body))
+    if missing:
+        raise error(f"missing field(s) {', '.join(map(repr, missing))}")
+    return body
+
+
+def message_time(text: str, error: type[Malformed]) -> dt.datetime:
+    """A message's ``time`` field (``parse_time``), refused with ``error`` saying why."""
+    try:
+        return parse_time(text)
+    except OverflowError:
+        raise error(f"time {text[:40]!r} is out of range") from None
+    except ValueError:
+        raise error(f"time {text[:40]!r} is not an RFC 3339 timestamp") from None
+
+
 def clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
@@ -167,18 +195,9 @@ def parse_notice(data: bytes) -> Notice:
     """Decode and validate a notice body; raises BadNotice with the reason."""
     if not data:
         raise BadNotice("message data is empty")
-    body = load_json(data, "message data", BadNotice)
-    if not isinstance(body, dict):
-        raise BadNotice(f"notice must be a JSON object, got {type(body).__name__}")
-    version = body.get("v")
-    if version != VERSION or isinstance(version, bool):
-        raise BadNotice(f"unsupported notice version {version!r} (this function reads v{VERSION})")
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise BadNotice(f"unknown field(s) {', '.join(map(repr, unknown))}")
-    missing = sorted(FIELDS - set(body))
-    if missing:
-        raise BadNotice(f"missing field(s) {', '.join(map(repr, missing))}")
+    body = message_body(
+        load_json(data, "message data", BadNotice), "notice", VERSION, FIELDS, BadNotice
+    )
     for key in FIELDS - {"v"}:
         if not isinstance(body[key], str):
             raise BadNotice(f"field {key!r} must be a string, got {type(body[key]).__name__}")
@@ -193,12 +212,7 @@ def parse_notice(data: bytes) -> Notice:
         raise BadNotice(f"change {body['change'][:40]!r} is not a known change")
     if not _RV.match(body["resourceVersion"]):
         raise BadNotice(f"resourceVersion {body['resourceVersion'][:40]!r} is not a number")
-    try:
-        when = parse_time(body["time"])
-    except OverflowError:
-        raise BadNotice(f"time {body['time'][:40]!r} is out of range") from None
-    except ValueError:
-        raise BadNotice(f"time {body['time'][:40]!r} is not an RFC 3339 timestamp") from None
+    when = message_time(body["time"], BadNotice)
     return Notice(
         name,
         NoticeKind(body["kind"]),

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from core.notice import BadNotice, format_time, load_json, parse_time
+from core.notice import BadNotice, format_time, load_json, message_body, message_time
 
 VERSION = 1
 SHARD_KIND = "SweepShard"
@@ -129,20 +129,9 @@ def parse_shard_message(data: bytes, attributes: object = None) -> ShardMessage:
         raise BadShard(
             f"shard message is larger than {MAX_SHARD_MESSAGE_BYTES} bytes ({len(data)} bytes)"
         )
-    body = load_json(data, "shard message data", BadShard)
-    if not isinstance(body, dict):
-        raise BadShard(f"shard message must be a JSON object, got {type(body).__name__}")
-    version = body.get("v")
-    if version != VERSION or isinstance(version, bool):
-        raise BadShard(
-            f"unsupported shard message version {version!r} (this function reads v{VERSION})"
-        )
-    unknown = sorted(set(body) - FIELDS)
-    if unknown:
-        raise BadShard(f"unknown field(s) {', '.join(map(repr, unknown))}")
-    missing = sorted(FIELDS - set(body))
-    if missing:
-        raise BadShard(f"missing field(s) {', '.join(map(repr, missing))}")
+    body = message_body(
+        load_json(data, "shard message data", BadShard), "shard message", VERSION, FIELDS, BadShard
+    )
     for key in ("kind", "sweep", "time"):
         if not isinstance(body[key], str):
             raise BadShard(f"field {key!r} must be a string, got {type(body[key]).__name__}")
@@ -158,12 +147,7 @@ def parse_shard_message(data: bytes, attributes: object = None) -> ShardMessage:
         raise BadShard(f"shards must be from 2 to {MAX_SHARDS} (got {str(shards)[:20]})")
     if not 0 <= shard < shards:
         raise BadShard(f"shard must be from 0 to {shards - 1} (got {str(shard)[:20]})")
-    try:
-        when = parse_time(body["time"])
-    except OverflowError:
-        raise BadShard(f"time {body['time'][:40]!r} is out of range") from None
-    except ValueError:
-        raise BadShard(f"time {body['time'][:40]!r} is not an RFC 3339 timestamp") from None
+    when = message_time(body["time"], BadShard)
     message = ShardMessage(body["sweep"], shard, shards, when)
     _check_attributes(message, attributes)
     return message

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from core import constants as c
-from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, GATEWAY_KINDS, POD, Kube
+from core.kube import DEPLOYMENT, EXTERNAL_SERVICE, GATEWAY_KINDS, POD, SERVICE, Kube
 from core.settings import Settings
 
 T = TypeVar("T")
@@ -110,6 +110,28 @@ def apply_orphan(admin: Kube, name: str) -> None:
             },
         }
     )
+
+
+def create_hijacked_service(
+    admin: Kube, name: str, dns_name: str, labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A gateway Service in the hijacked state for ``dns_name``, without the rest of a gateway:
+    what DNS delivery reads. Returns it as created (with its ClusterIP)."""
+    created: dict[str, Any] = admin.request(
+        "POST",
+        SERVICE.path(GATEWAY_NS),
+        body={
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": name,
+                "labels": {c.LABEL_GATEWAY: name, c.LABEL_HIJACK_DNS: "true", **(labels or {})},
+                "annotations": {c.ANNOTATION_DNS_NAME: dns_name},
+            },
+            "spec": {"ports": [{"port": 443}], "selector": {c.LABEL_GATEWAY: name}},
+        },
+    )
+    return created
 
 
 def dev_settings(**overrides: Any) -> Settings:

@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     GATEWAY_NS,
     await_dns,
     create_es,
+    create_hijacked_service,
     dev_settings,
     external_service,
     purge,
@@ -442,24 +443,7 @@ def test_rules_spread_over_several_configmaps_and_every_one_answers(
     services = {f"spread{k}-{unique}": f"spread{k}-{unique}.example.com" for k in picked.values()}
     ips = {}
     for svc, dns_name in services.items():
-        created = admin.request(
-            "POST",
-            SERVICE.path(GATEWAY_NS),
-            body={
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {
-                    "name": svc,
-                    "labels": {
-                        "egress.monzo.com/gateway": svc,
-                        "egress.monzo.com/hijack-dns": "true",
-                    },
-                    "annotations": {"egress.monzo.com/dns-name": dns_name},
-                },
-                "spec": {"ports": [{"port": 443}], "selector": {"egress.monzo.com/gateway": svc}},
-            },
-        )
-        ips[dns_name] = created["spec"]["clusterIP"]
+        ips[dns_name] = create_hijacked_service(admin, svc, dns_name)["spec"]["clusterIP"]
     try:
         # A budget one byte short of what the rules need in one ConfigMap: they spread.
         one = DnsDelivery(settings).sync(as_reconciler).rendered.data

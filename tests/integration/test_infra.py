@@ -44,6 +44,7 @@ from tests.integration.helpers import (
     apply_orphan,
     children,
     create_es,
+    create_hijacked_service,
     dev_settings,
     eventually,
     external_service,
@@ -435,20 +436,7 @@ def _spread_and_gather(admin: Kube, kube: Kube, settings: Settings, name: str) -
     services = [f"{name}-sh{i}" for i in range(sum(len(v) for v in wanted.values()))]
     dns_names = [n for v in wanted.values() for n in v]
     for svc, dns_name in zip(services, dns_names, strict=True):
-        admin.request(
-            "POST",
-            SERVICE.path(GATEWAY_NS),
-            body={
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {
-                    "name": svc,
-                    "labels": {c.LABEL_GATEWAY: svc, c.LABEL_HIJACK_DNS: "true"},
-                    "annotations": {c.ANNOTATION_DNS_NAME: dns_name},
-                },
-                "spec": {"ports": [{"port": 443}], "selector": {c.LABEL_GATEWAY: svc}},
-            },
-        )
+        create_hijacked_service(admin, svc, dns_name)
     ns = settings.dns_configmap_namespace
     try:
         # A budget one byte short of what the rules need in one ConfigMap: they spread.

@@ -30,7 +30,6 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -42,6 +41,7 @@ from core.notice import EventType, Notice, NoticeChange, NoticeKind
 from exporter.publisher import PubSubPublisher
 from exporter.settings import ExporterSettings
 from exporter.watch import Exporter, SeenExternalService
+from tests.unit.test_packaging import distribution_closure
 
 REPO = Path(__file__).resolve().parents[2]
 EXPORTER_REQUIREMENTS = REPO / "exporter" / "requirements.txt"
@@ -69,21 +69,6 @@ def pins(path: Path) -> dict[str, str]:
     return out
 
 
-def closure(names: list[str]) -> set[str]:
-    env = {**default_environment(), "extra": ""}
-    seen: set[str] = set()
-    todo = [canonicalize_name(n) for n in names]
-    while todo:
-        name = todo.pop()
-        if name not in seen:
-            seen.add(name)
-            for raw in importlib.metadata.requires(name) or []:
-                req = Requirement(raw)
-                if req.marker is None or req.marker.evaluate(env):
-                    todo.append(canonicalize_name(req.name))
-    return seen
-
-
 # -- what the image installs -------------------------------------------------------------------
 
 
@@ -96,12 +81,12 @@ def test_exporter_requirements_are_pinned_in_step() -> None:
         if name in shared:
             assert shared[name] == version, f"{name}: requirements.txt has another pin"
     # And the whole installed closure is pinned, so that the image build is reproducible.
-    unpinned = closure(list(mine)) - set(constraints)
+    unpinned = distribution_closure(list(mine)) - set(constraints)
     assert not unpinned, f"not in constraints.txt: {sorted(unpinned)}"
 
 
 def test_exporter_image_ships_neither_client_nor_the_functions_runtime() -> None:
-    shipped = closure(list(pins(EXPORTER_REQUIREMENTS)))
+    shipped = distribution_closure(list(pins(EXPORTER_REQUIREMENTS)))
     assert not shipped & NOT_SHIPPED, sorted(shipped & NOT_SHIPPED)
 
 
@@ -146,7 +131,7 @@ def test_exporter_loads_only_what_its_requirements_install(tmp_path: Path) -> No
     heavy = [m for m in loaded["modules"] if m.split(".")[0] in ("kubernetes", "grpc")]
     heavy += [m for m in loaded["modules"] if m.startswith(("google.cloud.", "google.api_core"))]
     assert not heavy, heavy[:10]
-    allowed = closure(list(pins(EXPORTER_REQUIREMENTS))) | {"pip", "setuptools"}
+    allowed = distribution_closure(list(pins(EXPORTER_REQUIREMENTS))) | {"pip", "setuptools"}
     owners: dict[str, set[str]] = {}
     allowed_dirs: set[str] = set()
     for dist in importlib.metadata.distributions():
